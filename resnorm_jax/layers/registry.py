@@ -1,0 +1,98 @@
+"""String-spec registries: variants are data.
+
+Every kind of variant (norms, shortcuts, unit orderings, skip combinators) has one
+:class:`Registry` that maps a name to a constructor.  A *spec* is ``"name"`` or
+``"name:arg"`` (``"group:32"``, ``"rskip_ln:2"``, ``"constant:0.5,1"``).  Config validation,
+error messages and the README table all ask the registry for its names, so a typo is always
+answered with the list of valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+
+class ConfigError(ValueError):
+  """A user-facing configuration error: the message names the bad value and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  name: str
+  build: Callable[..., Any]
+  doc: str
+  arg_doc: str | None = None  # e.g. "G: number of groups (default 32)"
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+  """``"group:32"`` -> ``("group", "32")``; ``"batch"`` -> ``("batch", None)``."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise ConfigError(f"a variant spec must be a non-empty string, got {spec!r}")
+  name, sep, arg = spec.strip().partition(":")
+  return name.strip(), (arg.strip() if sep else None)
+
+
+class Registry:
+  """Maps variant names to constructors ``build(arg: str | None, **context)``."""
+
+  def __init__(self, kind: str):
+    self.kind = kind
+    self._entries: dict[str, Entry] = {}
+
+  def register(self, name: str, doc: str, arg_doc: str | None = None):
+    def decorator(build):
+      if name in self._entries:
+        raise ValueError(f"{self.kind} {name!r} is registered twice")
+      self._entries[name] = Entry(name, build, doc, arg_doc)
+      return build
+    return decorator
+
+  def names(self) -> list[str]:
+    return list(self._entries)
+
+  def __contains__(self, spec: str) -> bool:
+    try:
+      return split_spec(spec)[0] in self._entries
+    except ConfigError:
+      return False
+
+  def __iter__(self) -> Iterator[Entry]:
+    return iter(self._entries.values())
+
+  def entry(self, spec: str) -> tuple[Entry, str | None]:
+    name, arg = split_spec(spec)
+    if name not in self._entries:
+      raise ConfigError(
+          f"unknown {self.kind} {spec!r}; valid choices: {', '.join(self.names())}")
+    entry = self._entries[name]
+    if arg is not None and entry.arg_doc is None:
+      raise ConfigError(f"{self.kind} {name!r} takes no ':' argument, got {spec!r}")
+    return entry, arg
+
+  def build(self, spec: str, **context):
+    entry, arg = self.entry(spec)
+    return entry.build(arg, **context)
+
+  def validate(self, spec: str, **context) -> None:
+    """Raises ConfigError if ``spec`` would not build (used before anything compiles)."""
+    self.build(spec, **context)
+
+  def markdown_rows(self) -> list[str]:
+    rows = []
+    for e in self:
+      name = f"`{e.name}`" if e.arg_doc is None else f"`{e.name}[:arg]`"
+      arg = f"; arg: {e.arg_doc}" if e.arg_doc else ""
+      rows.append(f"| {self.kind} | {name} | {e.doc}{arg} |")
+    return rows
+
+
+def parse_number(text: str, what: str, *, kind=float, minimum=None, choices_hint=""):
+  """Parses a spec argument, raising a ConfigError that names the bad value."""
+  try:
+    value = kind(text)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{what} must be a {kind.__name__}, got {text!r}{choices_hint}") from None
+  if minimum is not None and value < minimum:
+    raise ConfigError(f"{what} must be >= {minimum}, got {value!r}{choices_hint}")
+  return value
