@@ -19,7 +19,3 @@ def registry_markdown() -> str:
   for registry in REGISTRIES:
     lines.extend(registry.markdown_rows())
   return "\n".join(lines)
-
-
-if __name__ == "__main__":
-  print(registry_markdown())

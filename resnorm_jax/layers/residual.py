@@ -301,12 +301,18 @@ class UnitOrdering:
 
   The branch is ``pattern`` repeated once per convolution with the last ``trim`` ops
   dropped; ``after_add`` follows the addition; ``residual=False`` drops the shortcut.
+  A network of such units starts with ``stem`` (after its first convolution) and ends
+  with ``head`` before pooling, so that every unit sees and emits what its ordering
+  expects: post-activation nets (a)-(c) activate in the stem, (d) normalizes in the stem and
+  activates in the head, (e) does both in the head (He et al. 2016, Sec. 4.1).
   """
   name: str
   pattern: tuple[str, ...]
   trim: int = 0
   after_add: tuple[str, ...] = ()
   residual: bool = True
+  stem: tuple[str, ...] = ("norm", "relu")
+  head: tuple[str, ...] = ()
 
   def branch_ops(self, num_convs: int) -> tuple[str, ...]:
     ops = self.pattern * num_convs
@@ -320,9 +326,9 @@ _ORDERINGS = [
      "(b) y = ReLU(BN(x + conv(ReLU(BN(conv(x))))))"),
     (UnitOrdering("relu_before_add", ("conv", "norm", "relu")),
      "(c) y = x + ReLU(BN(conv(ReLU(BN(conv(x))))))"),
-    (UnitOrdering("relu_preact", ("relu", "conv", "norm")),
+    (UnitOrdering("relu_preact", ("relu", "conv", "norm"), stem=("norm",), head=("relu",)),
      "(d) y = x + BN(conv(ReLU(BN(conv(ReLU(x))))))"),
-    (UnitOrdering("full_preact", ("norm", "relu", "conv")),
+    (UnitOrdering("full_preact", ("norm", "relu", "conv"), stem=(), head=("norm", "relu")),
      "(e) y = x + conv(ReLU(BN(conv(ReLU(BN(x))))))"),
     (UnitOrdering("plain", ("conv", "norm", "relu"), residual=False),
      "no shortcut: y = ReLU(BN(conv(ReLU(BN(conv(x))))))"),

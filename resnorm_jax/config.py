@@ -1,0 +1,166 @@
+"""The configuration schema, its defaults and its validation.
+
+Every experiment config (``configs/*.py``) starts from :func:`base_config` and overrides
+fields; the returned ``ConfigDict`` is locked, so a misspelt key in a config file or on the
+command line (``--config.model.nrom=...``) is an error.  :func:`validate` checks every value
+against the registries and the machine before anything is compiled or written, raising
+:class:`ConfigError` with a one-line message that names the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable
+
+import ml_collections
+
+from resnorm_jax.layers import (COMBINATORS, NORMS, SHORTCUTS, UNIT_ORDERINGS, ConfigError,
+                                bn_sync_group_size)
+
+PARALLEL_MODES = ("jit", "shard_map", "pmap")
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULES = ("constant", "piecewise", "cosine", "rsqrt")
+DTYPES = ("float32", "bfloat16")
+ON_NONFINITE = ("stop", "skip")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the engine reads, with its default (a small CIFAR PreAct-ResNet)."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cifar_resnet"
+  c.model.depth = 20
+  c.model.block = "auto"          # auto | basic | bottleneck
+  c.model.width = 16              # channels of the first stage
+  c.model.norm = "batch"          # NORMS spec, e.g. group:32
+  c.model.unit = "full_preact"    # UNIT_ORDERINGS name
+  c.model.shortcut = "identity"   # SHORTCUTS spec
+  c.model.skip = "skip"           # COMBINATORS spec
+  c.model.skip_lambda = ml_collections.config_dict.placeholder(float)
+  c.model.weight_standardization = False
+  c.model.bn_momentum = 0.9
+  c.model.bn_epsilon = 1e-5
+  c.model.dtype = "float32"       # compute dtype; parameters and statistics stay float32
+  c.model.scan_stages = False
+  c.model.remat = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"       # see resnorm_jax.data.DATASETS
+  c.data.data_dir = ""            # TFDS data dir / directory holding the CIFAR tarball
+  c.data.augment = "crop_flip"    # crop_flip (pad + random crop + flip) | crop | none
+  c.data.pad = 4
+  c.data.synthetic_train_size = 1024
+  c.data.synthetic_test_size = 256
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.mode = "jit"         # jit | shard_map | pmap
+  c.parallel.bn_sync = "global"   # global | local | group:k
+  c.parallel.num_devices = 0      # 0 = all local devices
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 128        # global batch
+  c.train.seed = 0
+  c.train.optimizer = "sgd"       # sgd | adamw | adam
+  c.train.learning_rate = 0.1
+  c.train.momentum = 0.9
+  c.train.nesterov = False
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.weight_decay = 1e-4     # never applied to norm parameters and biases
+  c.train.schedule = "piecewise"  # constant | piecewise | cosine | rsqrt
+  c.train.boundaries = (0.5, 0.75)  # piecewise: fractions of train.steps (or steps if > 1)
+  c.train.decay_factor = 0.1
+  c.train.warmup_steps = 0
+  c.train.warmup_learning_rate = 0.0  # > 0: constant warm-up at this lr (He 2016: 0.01)
+  c.train.grad_clip_norm = 0.0    # 0 = no clipping
+  c.train.label_smoothing = 0.0
+  c.train.on_nonfinite = "stop"   # stop | skip
+  c.train.log_every_steps = 50
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 500        # 0 = only at the end
+  c.eval.batch_size = 500
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
+  return c
+
+
+def _choice(value: Any, choices: Iterable[str], key: str) -> None:
+  choices = tuple(choices)
+  if value not in choices:
+    hint = difflib.get_close_matches(str(value), choices, n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    raise ConfigError(f"{key}={value!r} is not valid{did_you_mean}; valid choices: "
+                      f"{', '.join(choices)}")
+
+
+def _positive(value, key: str, *, allow_zero=False) -> None:
+  if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"{key}={value!r} must be a {'non-negative' if allow_zero else 'positive'}"
+                      " number")
+
+
+def _spec(registry, value, key, **context) -> None:
+  try:
+    registry.validate(value, **context)
+  except ConfigError as e:
+    raise ConfigError(f"{key}: {e}") from None
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError for the first invalid value; compiles and writes nothing."""
+  from resnorm_jax import data as data_lib  # local: data imports optional loaders
+  from resnorm_jax import models
+
+  m, p, t = config.model, config.parallel, config.train
+  _choice(m.name, models.MODELS.names(), "model.name")
+  _choice(p.mode, PARALLEL_MODES, "parallel.mode")
+  _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
+  _choice(t.schedule, SCHEDULES, "train.schedule")
+  _choice(m.dtype, DTYPES, "model.dtype")
+  _choice(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")
+  _choice(config.data.name, data_lib.DATASETS.names(), "data.name")
+  for key in ("norm",):
+    _spec(NORMS, m[key], f"model.{key}")
+  if m.name == "cifar_resnet":
+    _spec(UNIT_ORDERINGS, m.unit, "model.unit")
+    _spec(SHORTCUTS, m.shortcut, "model.shortcut")
+  _spec(COMBINATORS, m.skip, "model.skip", lam=m.skip_lambda)
+  models.validate_model_config(config)
+
+  requested = p.num_devices or num_devices
+  if p.num_devices < 0 or requested > num_devices:
+    raise ConfigError(f"parallel.num_devices={p.num_devices} but this machine has "
+                      f"{num_devices} devices; use 0 (all) or a number <= {num_devices}")
+  try:
+    bn_sync_group_size(p.bn_sync, requested)
+  except ConfigError as e:
+    raise ConfigError(f"parallel.bn_sync: {e}") from None
+  for key in ("steps", "batch_size", "log_every_steps"):
+    if not isinstance(t[key], int) or t[key] < 1:
+      raise ConfigError(f"train.{key}={t[key]!r} must be a positive integer")
+  if t.batch_size % requested:
+    raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the "
+                      f"{requested} data-parallel devices; e.g. use "
+                      f"{requested * max(1, t.batch_size // requested)}")
+  if config.eval.batch_size < 1:
+    raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be a positive integer")
+  _positive(t.learning_rate, "train.learning_rate")
+  for key in ("weight_decay", "grad_clip_norm", "label_smoothing", "warmup_steps",
+              "warmup_learning_rate", "momentum"):
+    _positive(t[key], f"train.{key}", allow_zero=True)
+  if not 0 <= t.label_smoothing < 1:
+    raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+  if t.schedule == "piecewise" and list(t.boundaries) != sorted(t.boundaries):
+    raise ConfigError(f"train.boundaries={tuple(t.boundaries)} must be increasing")
+  for key in ("every_steps",):
+    if config.eval[key] < 0 or config.checkpoint[key] < 0:
+      raise ConfigError("eval.every_steps and checkpoint.every_steps must be >= 0")
+  if config.checkpoint.keep < 1:
+    raise ConfigError(f"checkpoint.keep={config.checkpoint.keep} must be >= 1")
+  data_lib.validate_data_config(config)

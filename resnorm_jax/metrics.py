@@ -1,0 +1,85 @@
+"""Metrics: JSON lines, TensorBoard event files and a console progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Mapping
+
+
+class MetricWriter:
+  """Appends ``{"step", "split", ...scalars}`` lines to ``metrics.jsonl`` and TensorBoard.
+
+  Only the process that ``enabled`` writes (process 0 in multi-host runs).  Appending keeps
+  the metrics of earlier runs in the same workdir (a resumed run continues the file).
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file = open(self.path, "a", buffering=1) if enabled else None
+    self._tb = None
+    if enabled and tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:  # TensorBoard output is optional; JSON lines always exist.
+        self._tb = None
+
+  def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v)))
+             for k, v in scalars.items()}
+    self._file.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+  def close(self) -> None:
+    if self._file:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """A console progress bar with step/s, examples/s and ETA (tqdm), on process 0 only."""
+
+  def __init__(self, total_steps: int, start_step: int, batch_size: int, *,
+               enabled: bool = True):
+    self.batch_size = batch_size
+    self._bar = None
+    self._start = time.perf_counter()
+    self._start_step = start_step
+    if enabled:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                       file=sys.stderr, mininterval=1.0, smoothing=0.1)
+
+  def update(self, step: int, **postfix) -> None:
+    if self._bar is None:
+      return
+    self._bar.update(step - self._bar.n)
+    rate = self._bar.format_dict.get("rate") or 0.0
+    self._bar.set_postfix(ex_s=f"{rate * self.batch_size:.0f}", **postfix, refresh=False)
+
+  def write(self, message: str) -> None:
+    if self._bar is not None:
+      self._bar.write(message, file=sys.stderr)
+    else:
+      print(message, file=sys.stderr)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

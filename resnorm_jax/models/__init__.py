@@ -1,0 +1,60 @@
+"""Model registry: every model is assembled from the layer registries by config values."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from resnorm_jax.layers import NORMS, NormContext
+from resnorm_jax.layers.registry import ConfigError, Registry
+
+MODELS = Registry("model")
+
+
+def norm_context(config, num_replicas: int = 1, axis_name=None) -> NormContext:
+  return NormContext(bn_sync=config.parallel.bn_sync, axis_name=axis_name,
+                     num_replicas=num_replicas, momentum=config.model.bn_momentum,
+                     epsilon=config.model.bn_epsilon)
+
+
+def compute_dtype(config):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
+
+
+@MODELS.register("cifar_resnet", "CIFAR ResNet, depth 6n+2 (basic) or 9n+2 (bottleneck)")
+def _cifar_resnet(arg, config, norm_ctx: NormContext, num_classes: int):
+  from resnorm_jax.models.resnet import CifarResNet
+  m = config.model
+  return CifarResNet(depth=m.depth, num_classes=num_classes, block=m.block, width=m.width,
+                     norm=m.norm, unit=m.unit, shortcut=m.shortcut, skip=m.skip,
+                     skip_lambda=m.skip_lambda, weight_standardization=m.weight_standardization,
+                     norm_ctx=norm_ctx, dtype=compute_dtype(config),
+                     scan_stages=m.scan_stages, remat=m.remat)
+
+
+def build_model(config, norm_ctx: NormContext, num_classes: int):
+  return MODELS.build(config.model.name, config=config, norm_ctx=norm_ctx,
+                      num_classes=num_classes)
+
+
+def validate_model_config(config) -> None:
+  """Model-specific checks that need no compilation (depth, G dividing channels, ...)."""
+  m = config.model
+  if m.name == "cifar_resnet":
+    from resnorm_jax.models.resnet import resolve_block
+    try:
+      block, _ = resolve_block(m.depth, m.block)
+    except ConfigError as e:
+      raise ConfigError(str(e)) from None
+    if m.width < 1 or (block == "bottleneck" and m.width % 1):
+      raise ConfigError(f"model.width={m.width} must be a positive integer")
+    name, arg = NORMS.entry(m.norm)[0].name, NORMS.entry(m.norm)[1]
+    if name == "group":
+      groups = 32 if arg is None else int(arg)
+      channels = sorted({m.width * 2 ** s * f for s in range(3)
+                         for f in ((1, 4) if block == "bottleneck" else (1,))})
+      bad = [c for c in channels if c % groups]
+      if bad:
+        valid = [g for g in range(1, channels[0] + 1) if all(c % g == 0 for c in channels)]
+        raise ConfigError(
+            f"model.norm={m.norm!r}: G={groups} does not divide the {bad} channels of this "
+            f"network (channels {channels}); valid G: {valid}")

@@ -1,0 +1,399 @@
+"""The training engine: optimizer, train/eval steps in three execution styles, the loop.
+
+``train_and_evaluate(config, workdir)`` validates the config, loads the data, resumes from
+the newest checkpoint in ``workdir`` if there is one, trains with periodic evaluation,
+checkpointing (also on SIGTERM) and metrics, and returns a summary.
+
+Randomness is a pure function of ``(train.seed, step)`` (data order, augmentation,
+dropout), so a checkpoint holds only the :class:`TrainState`, and resuming is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax import lax
+
+from resnorm_jax import checkpointing, config as config_lib, data as data_lib, models
+from resnorm_jax import parallelism
+from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.metrics import MetricWriter, Progress
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training stopped because a step's loss or gradients were not finite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array             # int32: steps taken (the data position)
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  nonfinite_step: jax.Array   # int32: -1, or the first step with a non-finite loss (stop mode)
+  skipped_steps: jax.Array    # int32: steps whose update was skipped (skip mode)
+
+
+# ----------------------------------------------------------------------------------------
+# Optimizer and schedules.
+# ----------------------------------------------------------------------------------------
+def learning_rate_schedule(t: ml_collections.ConfigDict, total_steps: int) -> Callable:
+  """lr(step): ``constant``, ``piecewise`` (He 2016: ×decay_factor at each boundary),
+  ``cosine`` (to 0 at the last step) or ``rsqrt`` (lr·sqrt(w / max(step, w)), Vaswani et
+  al. 2017), after ``warmup_steps`` of warm-up: constant at ``warmup_learning_rate`` when it
+  is > 0 (He 2016: 0.01 for 400 steps), else linear from 0."""
+  lr, w = float(t.learning_rate), int(t.warmup_steps)
+  if t.schedule == "constant":
+    base = lambda s: jnp.full((), lr, jnp.float32)
+  elif t.schedule == "piecewise":
+    bounds = [int(round(b * total_steps)) if b <= 1 else int(b) for b in t.boundaries]
+    base = optax.piecewise_constant_schedule(lr, {b: t.decay_factor for b in bounds})
+  elif t.schedule == "cosine":
+    cosine = optax.cosine_decay_schedule(lr, max(total_steps - w, 1))
+    base = lambda s: cosine(jnp.maximum(s - w, 0))
+  elif t.schedule == "rsqrt":
+    base = lambda s: lr * jnp.sqrt(max(w, 1) / jnp.maximum(s, max(w, 1)).astype(jnp.float32))
+  else:
+    raise ConfigError(f"unknown train.schedule {t.schedule!r}")
+  if w <= 0:
+    return base
+  warm_lr = float(t.warmup_learning_rate)
+
+  def schedule(step):
+    warm = (jnp.full((), warm_lr, jnp.float32) if warm_lr > 0
+            else lr * (step.astype(jnp.float32) + 1) / w)
+    return jnp.where(step < w, warm, base(step))
+  return schedule
+
+
+def decay_mask(params):
+  """Weight decay applies to kernels only: never to norm parameters, biases or gains."""
+  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(t: ml_collections.ConfigDict, total_steps: int):
+  schedule = learning_rate_schedule(t, total_steps)
+  parts = []
+  if t.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(t.grad_clip_norm))
+  if t.optimizer == "adamw":
+    parts.append(optax.adamw(schedule, t.b1, t.b2, t.eps, weight_decay=t.weight_decay,
+                             mask=decay_mask))
+  else:
+    if t.weight_decay > 0:  # L2 regularisation coupled to the gradient (He 2016; Adam)
+      parts.append(optax.add_decayed_weights(t.weight_decay, decay_mask))
+    if t.optimizer == "sgd":
+      parts.append(optax.sgd(schedule, t.momentum or None, nesterov=t.nesterov))
+    else:
+      parts.append(optax.adam(schedule, t.b1, t.b2, t.eps))
+  return optax.chain(*parts), schedule
+
+
+def cross_entropy(logits, labels, smoothing: float = 0.0):
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if smoothing:
+    targets = optax.smooth_labels(targets, smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+# ----------------------------------------------------------------------------------------
+# Steps.
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Task:
+  """Everything the steps need, built once from the config."""
+  config: ml_collections.ConfigDict
+  dataset: data_lib.ImageDataset
+  mesh: jax.sharding.Mesh
+  model_for: Callable[[str | None], Any]   # axis_name -> model
+  tx: optax.GradientTransformation
+  schedule: Callable
+
+  @property
+  def model(self):
+    return self.model_for(None)
+
+
+def build_task(config, dataset, mesh) -> Task:
+  n = mesh.devices.size
+  model_for = lambda axis_name: models.build_model(
+      config, models.norm_context(config, n, axis_name), dataset.num_classes)
+  tx, schedule = make_optimizer(config.train, config.train.steps)
+  return Task(config, dataset, mesh, model_for, tx, schedule)
+
+
+def init_state(task: Task) -> TrainState:
+  """Initialises parameters (float32) and optimizer state, replicated over the mesh."""
+  shape = (1,) + task.dataset.image_shape
+
+  def init(key):
+    variables = task.model.init({"params": key, "dropout": key}, jnp.zeros(shape), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=task.tx.init(params),
+                      nonfinite_step=jnp.full((), -1, jnp.int32),
+                      skipped_steps=jnp.zeros((), jnp.int32))
+
+  key = jax.random.key(task.config.train.seed)
+  return jax.jit(init, out_shardings=parallelism.replicated(task.mesh))(key)
+
+
+def abstract_state(task: Task) -> TrainState:
+  """Shapes, dtypes and (replicated) shardings of the state, without computing it."""
+  shape = (1,) + task.dataset.image_shape
+  sharding = parallelism.replicated(task.mesh)
+
+  def init(key):
+    variables = task.model.init({"params": key, "dropout": key}, jnp.zeros(shape), train=False)
+    return TrainState(jnp.zeros((), jnp.int32), variables["params"],
+                      variables.get("batch_stats", {}), task.tx.init(variables["params"]),
+                      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def make_train_step(task: Task) -> Callable:
+  """``train_step(state, images, labels, indices) -> (state, metrics)``.
+
+  ``images``/``labels`` are the whole uint8 training set on the devices (replicated);
+  ``indices`` the global batch's example indices (batch-sharded).  Gathering, augmentation
+  and normalization run on the global batch in every style, so all styles see identical
+  inputs; the per-replica function then reduces gradients, metrics and (inside the model)
+  BatchNorm statistics by axis name.
+  """
+  config, dataset = task.config, task.dataset
+  seed_key = jax.random.key(config.train.seed)
+  smoothing = float(config.train.label_smoothing)
+  stop_on_nonfinite = config.train.on_nonfinite == "stop"
+
+  def prepare(step, images, labels, indices):
+    key = jax.random.fold_in(seed_key, step)
+    batch = data_lib.augment(images[indices], jax.random.fold_in(key, 0),
+                             pad=config.data.pad, mode=config.data.augment)
+    return jax.random.fold_in(key, 1), data_lib.normalize(batch, dataset.mean, dataset.std), \
+        labels[indices]
+
+  def make_fn(axis_name):
+    model = task.model_for(axis_name)
+
+    def step_fn(state: TrainState, key, x, labels):
+      if axis_name is not None:
+        key = jax.random.fold_in(key, lax.axis_index(axis_name))
+
+      def loss_fn(params):
+        logits, new_vars = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+            mutable=["batch_stats"], rngs={"dropout": key})
+        return cross_entropy(logits, labels, smoothing).mean(), (logits, new_vars)
+
+      (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params)
+      accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+      if axis_name is not None:
+        grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
+      updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      grad_norm = optax.global_norm(grads)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      accept = finite & (state.nonfinite_step < 0)
+      keep = lambda new, old: jax.tree_util.tree_map(
+          lambda a, b: jnp.where(accept, a, b), new, old)
+      first_bad = (~finite) & (state.nonfinite_step < 0) & stop_on_nonfinite
+      new_state = TrainState(
+          step=state.step + 1, params=keep(params, state.params),
+          batch_stats=keep(new_vars.get("batch_stats", {}), state.batch_stats),
+          opt_state=keep(opt_state, state.opt_state),
+          nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
+          skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+      metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
+                     learning_rate=task.schedule(state.step))
+      return new_state, metrics
+    return step_fn
+
+  mode = config.parallel.mode
+  parallel_step = parallelism.data_parallel(make_fn, mode, task.mesh, 2, 2)
+  if mode == "pmap":  # pmap cannot live inside jit: prepare the global batch first
+    prepare_jit = jax.jit(prepare)
+
+    def train_step(state, images, labels, indices):
+      key, x, y = prepare_jit(state.step, images, labels, indices)
+      return parallel_step(state, key, x, y)
+    return train_step
+
+  def train_step(state, images, labels, indices):
+    key, x, y = prepare(state.step, images, labels, indices)
+    return parallel_step(state, key, x, y)
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(task: Task) -> Callable:
+  """``eval_step(state, images, labels, indices, weights) -> (loss_sum, correct, count)``."""
+  model, dataset = task.model, task.dataset
+
+  @jax.jit
+  def eval_step(state, images, labels, indices, weights):
+    x = data_lib.normalize(images[indices], dataset.mean, dataset.std)
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+                         train=False)
+    y = labels[indices]
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    return (jnp.sum(cross_entropy(logits, y) * weights), jnp.sum(correct * weights),
+            jnp.sum(weights))
+  return eval_step
+
+
+def evaluate(task: Task, eval_step, state, images, labels) -> dict[str, float]:
+  n, replicas = labels.shape[0], task.mesh.devices.size
+  bs = -(-task.config.eval.batch_size // replicas) * replicas  # padded batches are masked
+  sharded = parallelism.batch_sharded(task.mesh)
+  totals = np.zeros(3)
+  for start in range(0, n, bs):
+    idx = np.arange(start, start + bs)
+    weights = (idx < n).astype(np.float32)
+    idx = np.where(idx < n, idx, 0).astype(np.int32)
+    out = eval_step(state, images, labels, jax.device_put(idx, sharded),
+                    jax.device_put(weights, sharded))
+    totals += np.array(jax.device_get(out), dtype=np.float64)
+  loss_sum, correct, count = totals
+  return {"loss": loss_sum / count, "accuracy": correct / count, "error": 1 - correct / count}
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+  fetched = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in fetched])) for k in fetched[0]}
+
+
+def _is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains and evaluates ``config`` in ``workdir``; resumes from its newest checkpoint."""
+  t0 = time.perf_counter()
+  config_lib.validate(config, jax.device_count())
+  dataset = data_lib.load_dataset(config)              # a data error writes nothing
+  data_lib.steps_per_epoch(len(dataset.train_labels), config.train.batch_size)
+  config_dict = config.to_dict()
+  if os.path.isdir(workdir):
+    checkpointing.check_config_compatible(workdir, config_dict)
+  mesh = parallelism.make_mesh(config.parallel.num_devices)
+  task = build_task(config, dataset, mesh)
+
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.save_config_json(workdir, config_dict)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    keep=config.checkpoint.keep,
+                                    every_steps=config.checkpoint.every_steps)
+  restored = ckpt.restore(abstract_state(task))
+  if restored is None:
+    state = init_state(task)
+  else:
+    state = restored[1]
+    logging.info("resumed from the checkpoint of step %d in %s", restored[0], workdir)
+  start_step = int(jax.device_get(state.step))
+
+  replicated = parallelism.replicated(mesh)
+  sharded = parallelism.batch_sharded(mesh)
+  train_images = jax.device_put(dataset.train_images, replicated)
+  train_labels = jax.device_put(dataset.train_labels, replicated)
+  test_images = jax.device_put(dataset.test_images, replicated)
+  test_labels = jax.device_put(dataset.test_labels, replicated)
+  train_step, eval_step = make_train_step(task), make_eval_step(task)
+
+  t = config.train
+  writer = MetricWriter(workdir, enabled=_is_main_process())
+  progress = Progress(t.steps, start_step, t.batch_size, enabled=_is_main_process())
+  history: list[dict] = []
+  last_eval: dict[str, float] = {}
+  status = "completed"
+  train_time = 0.0
+
+  def run_eval(step):
+    nonlocal last_eval
+    last_eval = evaluate(task, eval_step, state, test_images, test_labels)
+    writer.write(step, "eval", last_eval)
+    progress.write(f"step {step}: eval accuracy {last_eval['accuracy']:.4f} "
+                   f"loss {last_eval['loss']:.4f}")
+
+  def check_finite(step):
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+      kept = ckpt.latest_step()
+      raise NonFiniteLossError(
+          f"non-finite loss or gradients at step {bad}; training stopped. The last good "
+          f"checkpoint ({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in "
+          f"{ckpt.directory}. Lower train.learning_rate, set train.grad_clip_norm, or use "
+          f"--config.train.on_nonfinite=skip")
+
+  try:
+    with checkpointing.PreemptionGuard() as guard:
+      step = start_step
+      tick = time.perf_counter()
+      while step < t.steps:
+        idx = data_lib.batch_indices(t.seed, step, len(dataset.train_labels), t.batch_size)
+        state, metrics = train_step(state, train_images, train_labels,
+                                    jax.device_put(idx, sharded))
+        history.append(metrics)
+        step += 1
+        if step % t.log_every_steps == 0 or step == t.steps:
+          check_finite(step)
+          summary = _mean_metrics(history)
+          elapsed = time.perf_counter() - tick
+          train_time += elapsed
+          summary["steps_per_sec"] = len(history) / elapsed
+          summary["examples_per_sec"] = summary["steps_per_sec"] * t.batch_size
+          writer.write(step, "train", summary)
+          progress.update(step, loss=f"{summary['loss']:.3f}")
+          history, tick = [], time.perf_counter()
+        if config.eval.every_steps and step % config.eval.every_steps == 0 and step < t.steps:
+          run_eval(step)
+        if ckpt.should_save(step):
+          check_finite(step)
+          ckpt.save(step, state)
+        if guard.requested:
+          check_finite(step)
+          ckpt.save(step, state, force=True)
+          status = "preempted"
+          progress.write(f"SIGTERM received: saved the checkpoint of step {step}; rerun the "
+                         "same command to resume")
+          break
+      if status == "completed":
+        check_finite(step)
+        run_eval(step)
+        ckpt.save(step, state, force=True)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    progress.close()
+    writer.close()
+
+  return {
+      "status": status,
+      "step": step,
+      "start_step": start_step,
+      "eval": last_eval,
+      "skipped_steps": int(jax.device_get(state.skipped_steps)),
+      "train_seconds": train_time,
+      "total_seconds": time.perf_counter() - t0,
+      "workdir": workdir,
+      "metrics": writer.path,
+      "checkpoints": ckpt.directory,
+      "state": state,
+  }
