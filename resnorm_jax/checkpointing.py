@@ -1,0 +1,439 @@
+"""Checkpointing for the training engine: orbax-backed saves, safe restores, preemption.
+
+:class:`Checkpointer` wraps :class:`orbax.checkpoint.CheckpointManager` with the policy the
+training loop needs:
+
+* **Cadence.**  ``should_save(step)`` is ``step % every_steps == 0``; the loop may ``force``
+  a save (end of training, preemption).  A step that already exists is never written again
+  (``save`` returns ``False``), so nothing on disk is ever overwritten.
+* **Retention.**  Only the newest ``keep`` steps survive (orbax ``LatestN`` preservation).
+* **Async, durable on demand.**  Saves are asynchronous: ``save`` returns once the arrays are
+  copied to host memory (so the next, possibly donating, train step may run), and the write
+  finishes in the background.  ``wait()`` blocks until every started save is committed.
+* **Atomic steps.**  Orbax writes each step into ``<step>.orbax-checkpoint-tmp*`` and renames
+  it when complete; such temporary directories are never listed as steps, and leftovers from a
+  crashed run are removed when the :class:`Checkpointer` is created.
+* **Topology-free restore.**  ``restore(abstract_tree)`` reads every array straight into the
+  shardings of ``abstract_tree`` (``jax.ShapeDtypeStruct`` with ``.sharding`` for the current
+  mesh), so a checkpoint written on 8 devices restores onto 1 and vice versa.
+* **Corruption fallback.**  If the newest step cannot be read (a truncated or deleted file), a
+  warning names the step and the error and the previous step is tried, and so on.
+* **Wrong-model detection.**  If the stored tree's keys or shapes differ from
+  ``abstract_tree``, :class:`ConfigError` names a few differences and suggests a fresh
+  ``--workdir``.
+
+Handler choice: the state is one item, ``"state"``, written with orbax's
+``StandardSave``/``StandardRestore`` (``StandardCheckpointHandler``).  It is orbax's standard
+handler for pytrees of ``jax.Array`` / ``np.ndarray`` / Python scalars -- exactly what a train
+state is -- and a thin, validating layer over ``PyTreeCheckpointHandler``: every process writes
+only the shards it owns (into its own OCDBT sub-database, merged on commit) while the primary
+process writes the metadata, so multi-process saves need nothing more than every process
+calling :meth:`Checkpointer.save`.  Unlike ``PyTreeRestore``, ``StandardRestore`` takes the
+abstract tree (with shardings) directly, with no hand-built ``RestoreArgs``.  Naming the item
+(rather than orbax's unnamed default item) leaves room for further items later, e.g. a data
+iterator state, without changing the layout of existing checkpoints.
+
+:class:`PreemptionGuard` turns SIGTERM (and optionally SIGINT) into a flag the loop polls;
+:func:`save_config_json` / :func:`check_config_compatible` keep the resolved config next to the
+checkpoints and refuse to resume a workdir written by a different model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from resnorm_jax.layers.registry import ConfigError
+
+log = logging.getLogger(__name__)
+
+ITEM = "state"          # the orbax item name the train state is stored under
+CONFIG_FILE = "config.json"
+_MAX_LISTED = 5         # differences listed in a mismatch message, per kind
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpointer
+# --------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+  """Saves and restores the train state under ``directory`` (see the module docstring).
+
+  Every process of a multi-process job must construct it and call ``save``/``restore``/
+  ``wait``/``close`` in the same order with the same steps (orbax synchronises them).
+  """
+
+  def __init__(self, directory: str, *, keep: int, every_steps: int):
+    if not isinstance(keep, int) or keep < 1:
+      raise ConfigError(f"checkpoint keep must be an integer >= 1, got {keep!r}; "
+                        "set it to the number of recent checkpoints to retain")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.keep = keep
+    self.every_steps = int(every_steps)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,
+            create=True,
+        ),
+        handler_registry=ocp.handlers.create_default_handler_registry(
+            **{ITEM: ocp.StandardCheckpointHandler()}),
+    )
+
+  # -- queries ---------------------------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    """Steps on disk (or being written by this process), ascending; temp dirs excluded."""
+    return sorted(int(s) for s in self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest step, or ``None`` when there is no checkpoint."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def should_save(self, step: int) -> bool:
+    """Periodic cadence: ``step % every_steps == 0``; never when ``every_steps <= 0``."""
+    return self.every_steps > 0 and step % self.every_steps == 0
+
+  # -- save ------------------------------------------------------------------------------------
+
+  def save(self, step: int, tree: Any, *, force: bool = False) -> bool:
+    """Starts an async save of ``tree`` at ``step`` if due (or ``force``); returns whether.
+
+    ``tree`` is a pytree of ``jax.Array`` (any sharding), ``np.ndarray``, numpy scalars and
+    Python scalars.  An existing step is never overwritten: saving it again returns ``False``.
+    Older steps beyond ``keep`` are deleted once this save is committed.
+    """
+    step = int(step)
+    if not (force or self.should_save(step)):
+      return False
+    if step in self._manager.all_steps():
+      log.info("checkpoint step %d already exists in %s; not saving it again",
+               step, self.directory)
+      return False
+    # Cadence is decided above, so orbax is always told to save (force=True); orbax still
+    # refuses an existing step, which the check above has ruled out.
+    return bool(self._manager.save(
+        step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(tree)}), force=True))
+
+  def wait(self) -> None:
+    """Blocks until every started save is committed to disk (and old steps pruned)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases orbax's background resources."""
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- restore ---------------------------------------------------------------------------------
+
+  def restore(self, abstract_tree: Any) -> tuple[int, Any] | None:
+    """Restores the newest readable step into the layout of ``abstract_tree``.
+
+    ``abstract_tree`` mirrors the saved tree: ``jax.ShapeDtypeStruct`` leaves with
+    ``.sharding`` set for the current mesh (concrete ``jax.Array`` leaves are accepted and
+    used for their shape/dtype/sharding only); Python and numpy scalar leaves come back as
+    the same kind.  Dtypes are cast to ``abstract_tree``'s, shapes and keys must match.
+
+    Returns ``(step, tree)``, or ``None`` when there is no checkpoint.  A step that fails to
+    read is skipped with a warning; if none can be read, or the checkpoint was written for a
+    different tree (model/config), raises :class:`ConfigError`.
+    """
+    self.wait()  # a save still in flight from this process must land before we read
+    self._manager.reload()
+    steps = self.all_steps()
+    if not steps:
+      return None
+    target = jax.tree.map(_abstract_leaf, abstract_tree)
+    failures = []
+    for step in reversed(steps):
+      tree, error = self._try_restore_step(step, abstract_tree, target)
+      if error is not None:
+        failures.append((step, error))
+        log.warning("checkpoint step %d in %s is unreadable (corrupt or partial), falling "
+                    "back to an older step: %s", step, self.directory, _describe(error))
+        continue
+      if failures:
+        log.warning("restored checkpoint step %d in %s after skipping unreadable step(s) %s",
+                    step, self.directory, [s for s, _ in failures])
+      return step, tree
+    raise ConfigError(
+        f"no checkpoint in {self.directory} could be restored; tried steps "
+        f"{[s for s, _ in failures]}: "
+        + "; ".join(f"step {s}: {_describe(e)}" for s, e in failures)
+        + ". Use a fresh --workdir, or remove the broken step directories to start over.")
+
+  def _try_restore_step(self, step: int, abstract_tree: Any,
+                        target: Any) -> tuple[Any, Exception | None]:
+    """``(tree, None)``, or ``(None, error)`` if step ``step`` cannot be read.
+
+    A mismatching tree raises :class:`ConfigError` instead: an older step of the same run
+    would not fit either.  All processes agree on the outcome, so that none falls back to a
+    different step than the others.
+    """
+    try:
+      tree, error = self._restore_step(step, abstract_tree, target), None
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore raises bare ones)
+      tree, error = None, e
+    if not _all_processes_agree(error is None) and error is None:
+      tree, error = None, RuntimeError(f"step {step} failed to restore on another process")
+    return tree, error
+
+  def _restore_step(self, step: int, abstract_tree: Any, target: Any) -> Any:
+    """Checks the stored tree against ``abstract_tree``, then restores step ``step``."""
+    metadata = self._manager.item_metadata(step)
+    stored = metadata.get(ITEM) if metadata is not None else None
+    if stored is None:
+      raise FileNotFoundError(f"step {step} has no readable '{ITEM}' tree metadata")
+    _check_same_tree(self.directory, step, stored.tree, abstract_tree)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardRestore(target)}))[ITEM]
+    return jax.tree.map(_like_abstract, abstract_tree, restored)
+
+
+def _abstract_leaf(x: Any) -> Any:
+  """An ``abstract_tree`` leaf in a form ``StandardRestore`` accepts."""
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  if isinstance(x, np.generic):
+    return np.zeros((), x.dtype)  # numpy scalars are stored as 0-d arrays
+  return x
+
+
+def _like_abstract(abstract: Any, value: Any) -> Any:
+  """Turns a restored leaf back into the kind of the ``abstract_tree`` leaf."""
+  if isinstance(abstract, np.generic):
+    return np.asarray(value, abstract.dtype)[()]
+  return value
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True when ``ok`` on every process (trivially ``ok`` in a single-process job)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _describe(e: BaseException, limit: int = 300) -> str:
+  """``Type: first line`` of the innermost cause of ``e``, shortened.
+
+  Orbax wraps tensorstore read errors in a bare ``Exception`` whose message is mostly a
+  TensorStore spec; the cause it chains says what actually broke (``DATA_LOSS: ...``).
+  """
+  while e.__cause__ is not None:
+    e = e.__cause__
+  lines = str(e).strip().splitlines()
+  text = lines[0] if lines else ""
+  text = text.split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
+  text = text if len(text) <= limit else text[:limit] + "..."
+  return f"{type(e).__name__}: {text}"
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{"params.conv.kernel": shape}`` for every leaf, keyed as orbax names them."""
+  return {k: tuple(getattr(v, "shape", np.shape(v)))
+          for k, v in ocp.tree.to_flat_dict(tree, sep=".").items()}
+
+
+def _check_same_tree(directory: str, step: int, stored: Any, abstract_tree: Any) -> None:
+  """Raises :class:`ConfigError` if the stored keys/shapes differ from ``abstract_tree``."""
+  have, want = _leaf_shapes(stored), _leaf_shapes(abstract_tree)
+  only_ckpt = sorted(set(have) - set(want))
+  only_run = sorted(set(want) - set(have))
+  shapes = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+  if not (only_ckpt or only_run or shapes):
+    return
+  parts = []
+  if only_ckpt:
+    parts.append("in the checkpoint only: " + _few(only_ckpt))
+  if only_run:
+    parts.append("in this run only: " + _few(only_run))
+  if shapes:
+    parts.append("shape mismatch: " + _few(
+        [f"{k} checkpoint {have[k]} vs this run {want[k]}" for k in shapes]))
+  raise ConfigError(
+      f"the checkpoint in {directory} (step {step}) was written by a different model/config: "
+      + "; ".join(parts)
+      + ". Use a fresh --workdir for this config, or rerun with the config that wrote it.")
+
+
+def _few(items: list[str]) -> str:
+  """The first few items, comma-separated, with a count of the rest."""
+  shown = ", ".join(items[:_MAX_LISTED])
+  rest = len(items) - _MAX_LISTED
+  return shown + (f" (and {rest} more)" if rest > 0 else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Preemption
+# --------------------------------------------------------------------------------------------
+
+
+class PreemptionGuard:
+  """Context manager turning SIGTERM (and, with ``sigint=True``, SIGINT) into a flag.
+
+  The handler only sets ``self.requested = True`` (and records ``self.signal``); it never
+  saves.  The training loop polls ``guard.requested`` each step, saves, and exits cleanly.
+  The previous handlers are restored on exit.  Signal handlers can only be installed from
+  the main thread; elsewhere the guard logs a warning and stays inert.
+  """
+
+  def __init__(self, *, sigint: bool = False):
+    self.signals = (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,)
+    self.requested = False
+    self.signal: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    self.requested = True
+    self.signal = signal.Signals(signum).name
+
+  def __enter__(self) -> "PreemptionGuard":
+    if threading.current_thread() is not threading.main_thread():
+      log.warning("PreemptionGuard entered outside the main thread; signals not intercepted")
+      return self
+    for sig in self.signals:
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, previous in self._previous.items():
+      # None means the old handler was not installed from Python; fall back to the default.
+      signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+    self._previous.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------------------------
+
+
+def save_config_json(workdir: str, config_dict: Any) -> str:
+  """Writes the resolved config to ``<workdir>/config.json`` atomically; returns the path.
+
+  The file is written to a temporary name and renamed, so a crash never leaves a partial
+  ``config.json``.  Only process 0 writes (the workdir is shared in multi-process jobs).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if jax.process_index() != 0:
+    return path
+  os.makedirs(workdir, exist_ok=True)
+  text = json.dumps(_plain(config_dict), indent=2, sort_keys=True, default=_json_default)
+  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def check_config_compatible(workdir: str, config_dict: Any,
+                            keys: Iterable[str] = ("model",)) -> None:
+  """Raises :class:`ConfigError` if ``<workdir>/config.json`` was written for another model.
+
+  Compares the sections named by ``keys`` (dotted paths, e.g. ``"model"``) and ``data.name``
+  (when either config has it) between the saved and the current config, listing every
+  differing key as ``model.norm: checkpoint has 'batch', this run has 'layer'``.  A workdir
+  without ``config.json`` is compatible with anything.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is unreadable ({e}); restore or remove it, or use a fresh "
+                      "--workdir") from e
+  current = json.loads(json.dumps(_plain(config_dict), default=_json_default))
+  diffs = []
+  for key in _keys_to_compare(keys, saved, current):
+    diffs.extend(_diff(key, _lookup(saved, key), _lookup(current, key)))
+  if diffs:
+    raise ConfigError(
+        f"the checkpoint in {workdir} was written with a different config:\n  "
+        + "\n  ".join(diffs)
+        + f"\nUse a fresh --workdir for this config, or rerun with the settings in {path} "
+        "to resume.")
+
+
+_MISSING = object()
+
+
+def _keys_to_compare(keys: Iterable[str], saved: Any, current: Any) -> list[str]:
+  """``keys`` plus ``data.name`` when either config has it, without duplicates."""
+  out = list(dict.fromkeys(keys))
+  has_name = any(_lookup(c, "data.name") is not _MISSING for c in (saved, current))
+  if has_name and not any(k == "data" or k == "data.name" for k in out):
+    out.append("data.name")
+  return out
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+  """``tree["a"]["b"]`` for ``"a.b"``, or ``_MISSING``."""
+  for part in dotted.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return _MISSING
+    tree = tree[part]
+  return tree
+
+
+def _diff(key: str, old: Any, new: Any) -> list[str]:
+  """Lines ``key: checkpoint has X, this run has Y`` for every differing leaf below key."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [line for k in sorted(set(old) | set(new))
+            for line in _diff(f"{key}.{k}", old.get(k, _MISSING), new.get(k, _MISSING))]
+  if old == new:
+    return []
+  return [f"{key}: checkpoint has {_show(old)}, this run has {_show(new)}"]
+
+
+def _show(value: Any) -> str:
+  return "no such key" if value is _MISSING else repr(value)
+
+
+def _plain(config: Any) -> Any:
+  """A ConfigDict / dataclass / mapping as plain nested dicts."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+    config = dataclasses.asdict(config)
+  if isinstance(config, Mapping):
+    return {str(k): _plain(v) for k, v in config.items()}
+  if isinstance(config, (list, tuple)):
+    return [_plain(v) for v in config]
+  return config
+
+
+def _json_default(value: Any) -> Any:
+  """JSON fallback: numpy scalars/arrays as Python values, anything else as its string."""
+  if isinstance(value, (np.generic, np.ndarray)):
+    return value.tolist()
+  return str(value)
