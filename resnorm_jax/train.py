@@ -12,6 +12,7 @@ after saving a checkpoint (rerun the same command to resume).
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -23,12 +24,20 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(PACKAGE_ROOT, "configs", "quickstart.py")
 EXIT_NONFINITE, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 143
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file, optionally with a ':variant' argument.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics and the resolved config "
-    "(default: runs/<config name>[_<variant>]).")
+_FLAGS = {}
+
+
+def define_flags():
+  """Defines --config and --workdir.  config_flags inspects the command line when the flag
+  is defined (to register override flags), so this runs inside the error handling of run()."""
+  if _FLAGS:
+    return
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG, "Config file, optionally with a ':variant' argument.",
+      lock_config=True)
+  _FLAGS["workdir"] = flags.DEFINE_string(
+      "workdir", None, "Directory for checkpoints, metrics and the resolved config "
+      "(default: runs/<config name>[_<variant>]).")
 
 
 def fail(message: str, code: int = EXIT_USAGE):
@@ -36,25 +45,47 @@ def fail(message: str, code: int = EXIT_USAGE):
   sys.exit(code)
 
 
-def _root_cause(error: BaseException) -> BaseException:
-  while error.__cause__ is not None or error.__context__ is not None:
+def describe_error(error: BaseException) -> str:
+  """One line for a flag/config error: the outermost message plus a ConfigError cause."""
+  messages, seen = [], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    text = _one_line(error)
+    if text and not any(text in m for m in messages):
+      messages.append(text)
     if isinstance(error, ConfigError):
-      return error
+      return text
     error = error.__cause__ or error.__context__
-  return error
+  return messages[0] if messages else "invalid flags"
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).strip().replace("\\n", "\n").replace("\\'", "'")
+  if isinstance(error, (KeyError, AttributeError)):
+    text = text.strip("'\"")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if not lines:
+    return ""
+  missing_key = re.match(r"'?([\w.]+)'?$", lines[0])
+  if isinstance(error, (KeyError, AttributeError)) and missing_key:
+    hint = f" ({lines[1].strip()})" if len(lines) > 1 else ""
+    return (f"no config key {missing_key.group(1)!r}{hint}; every key is listed in "
+            "resnorm_jax/config.py:base_config")
+  if len(lines) > 1:  # config_flags nests the loader's trace: keep its last line
+    lines = [lines[0].rstrip(":"), lines[-1]] if not lines[0].startswith("Traceback") \
+        else [lines[-1]]
+  return ": ".join(re.sub(r"^([\w.]+\.)?\w+(Error|Exception): ", "", line)
+                   for line in lines)
 
 
 def parse_flags(argv):
-  """absl parsing with one-line errors and exit code 2 (no traceback)."""
+  """absl parsing, then the config file and its overrides, with one-line errors (exit 2)."""
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, ConfigError, KeyError, AttributeError, ValueError, TypeError,
-          FileNotFoundError, ImportError) as e:
-    cause = _root_cause(e)
-    message = str(cause).strip().strip('"') or type(cause).__name__
-    if "Did you mean" not in message and isinstance(cause, (KeyError, AttributeError)):
-      message += " (no such config key; see resnorm_jax/config.py for the schema)"
-    fail(message)
+    rest = flags.FLAGS(argv)
+    _FLAGS["config"].value.to_dict()  # load the file and apply overrides now, not lazily
+    return rest
+  except Exception as e:  # pylint: disable=broad-except  (any bad flag: one line, no trace)
+    fail(describe_error(e))
 
 
 def default_workdir() -> str:
@@ -91,8 +122,8 @@ def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; use --config.<key>=<value> for overrides")
   from resnorm_jax import training  # imports jax: after flags are valid
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or default_workdir()
+  config = _FLAGS["config"].value
+  workdir = _FLAGS["workdir"].value or default_workdir()
   logging.set_verbosity(logging.WARNING)
   try:
     summary = training.train_and_evaluate(config, workdir)
@@ -106,6 +137,10 @@ def main(argv):
 
 
 def run():
+  try:
+    define_flags()
+  except Exception as e:  # pylint: disable=broad-except
+    fail(describe_error(e))
   app.run(main, flags_parser=parse_flags)
 
 

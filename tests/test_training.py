@@ -1,0 +1,243 @@
+"""The training engine: execution styles, exact resume, topology changes, errors, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnorm_jax import config as config_lib, data as data_lib, parallelism, training
+from resnorm_jax.layers.registry import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  c = config_lib.base_config()
+  c.model.depth = 8
+  c.model.width = 4
+  c.data.synthetic_train_size = 64
+  c.data.synthetic_test_size = 32
+  c.train.batch_size = 16
+  c.train.steps = 6
+  c.train.schedule = "constant"
+  c.train.learning_rate = 0.05
+  c.train.log_every_steps = 1
+  c.eval.every_steps = 0
+  c.eval.batch_size = 16
+  c.checkpoint.every_steps = 3
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def run_steps(config, steps=3):
+  """Runs ``steps`` train steps in the config's execution style; returns the host state."""
+  config_lib.validate(config, jax.device_count())
+  dataset = data_lib.load_dataset(config)
+  mesh = parallelism.make_mesh(config.parallel.num_devices)
+  task = training.build_task(config, dataset, mesh)
+  state = training.init_state(task)
+  step_fn = training.make_train_step(task)
+  rep, shard = parallelism.replicated(mesh), parallelism.batch_sharded(mesh)
+  images = jax.device_put(dataset.train_images, rep)
+  labels = jax.device_put(dataset.train_labels, rep)
+  for step in range(steps):
+    idx = data_lib.batch_indices(config.train.seed, step, len(dataset.train_labels),
+                                 config.train.batch_size)
+    state, _ = step_fn(state, images, labels, jax.device_put(idx, shard))
+  return jax.device_get(state)
+
+
+def assert_states_close(a, b, atol=2e-5):
+  chex.assert_trees_all_close(a.params, b.params, atol=atol, rtol=1e-4)
+  chex.assert_trees_all_close(a.batch_stats, b.batch_stats, atol=atol, rtol=1e-4)
+
+
+def test_three_execution_styles_equal_single_device():
+  reference = run_steps(tiny_config(**{"parallel.num_devices": 1}))
+  for mode in ("jit", "shard_map", "pmap"):
+    state = run_steps(tiny_config(**{"parallel.mode": mode, "parallel.num_devices": 8}))
+    assert_states_close(state, reference)
+    assert int(state.step) == 3
+
+
+@pytest.mark.parametrize("bn_sync", ["local", "group:4"])
+def test_styles_agree_for_local_and_group_sync(bn_sync):
+  states = [run_steps(tiny_config(**{"parallel.mode": mode, "parallel.bn_sync": bn_sync}))
+            for mode in ("jit", "shard_map", "pmap")]
+  for state in states[1:]:
+    assert_states_close(state, states[0])
+  # Ghost statistics differ from global ones: the sync mode really changes the math.
+  global_state = run_steps(tiny_config())
+  diff = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
+                                states[0].batch_stats, global_state.batch_stats)
+  assert max(jax.tree_util.tree_leaves(diff)) > 1e-4
+
+
+def test_learning_rate_schedules():
+  c = config_lib.base_config().train
+  c.steps, c.boundaries, c.warmup_steps, c.warmup_learning_rate = 64_000, (32_000, 48_000), \
+      400, 0.01
+  lr = training.learning_rate_schedule(c, c.steps)
+  got = [float(lr(jnp.int32(s))) for s in (0, 399, 400, 31_999, 32_000, 48_000, 63_999)]
+  np.testing.assert_allclose(got, [0.01, 0.01, 0.1, 0.1, 0.01, 0.001, 0.001], rtol=1e-6)
+  c.schedule, c.warmup_learning_rate, c.warmup_steps, c.steps = "cosine", 0.0, 10, 110
+  lr = training.learning_rate_schedule(c, c.steps)
+  np.testing.assert_allclose([float(lr(jnp.int32(s))) for s in (0, 9, 10, 60, 110)],
+                             [0.01, 0.1, 0.1, 0.05, 0.0], atol=1e-6)
+  c.schedule, c.warmup_steps = "rsqrt", 4
+  lr = training.learning_rate_schedule(c, c.steps)
+  np.testing.assert_allclose([float(lr(jnp.int32(s))) for s in (3, 4, 16)],
+                             [0.1, 0.1, 0.05], rtol=1e-6)
+
+
+def test_weight_decay_skips_norm_parameters_and_biases():
+  params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "norm": {"scale": jnp.ones(2),
+            "bias": jnp.ones(2)}, "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+  assert training.decay_mask(params) == {"conv": {"kernel": True}, "norm": {
+      "scale": False, "bias": False}, "dense": {"kernel": True, "bias": False}}
+
+
+def read_state(workdir):
+  """The final state of a finished run, restored from its newest checkpoint."""
+  config = config_lib.base_config()
+  config.update_from_flattened_dict(
+      {k: (tuple(v) if isinstance(v, list) else v) for k, v in _flatten(
+          json.load(open(os.path.join(workdir, "config.json")))).items()})
+  from resnorm_jax import checkpointing
+  dataset = data_lib.load_dataset(config)
+  task = training.build_task(config, dataset, parallelism.make_mesh(1))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3,
+                                    every_steps=0)
+  step, state = ckpt.restore(training.abstract_state(task))
+  ckpt.close()
+  return step, jax.device_get(state)
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+CLI_TINY = ["--config.model.depth=8", "--config.model.width=4",
+            "--config.data.synthetic_train_size=64", "--config.data.synthetic_test_size=32",
+            "--config.train.batch_size=16", "--config.train.schedule=cosine",
+            "--config.train.learning_rate=0.05", "--config.train.log_every_steps=1",
+            "--config.eval.every_steps=0", "--config.eval.batch_size=16",
+            "--config.checkpoint.every_steps=1000", "--config.data.name=synthetic",
+            "--config.parallel.num_devices=1"]
+
+
+def cli(workdir, *flags, **popen):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.Popen([sys.executable, "-m", "resnorm_jax.train", f"--workdir={workdir}",
+                           *CLI_TINY, *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_sigterm_then_resume_is_bitwise_exact(tmp_path):
+  steps = "--config.train.steps=400"
+  uninterrupted = cli(tmp_path / "a", steps)
+  interrupted = cli(tmp_path / "b", steps)
+  metrics = tmp_path / "b" / "metrics.jsonl"
+  deadline = time.time() + 120
+  while time.time() < deadline and interrupted.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+      interrupted.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.02)
+  out, err = interrupted.communicate(timeout=120)
+  assert interrupted.returncode == 143, err
+  assert "SIGTERM received" in err
+  stopped_at, _ = read_state(tmp_path / "b")
+  assert 5 <= stopped_at < 400
+  resumed = cli(tmp_path / "b", steps)
+  out, err = resumed.communicate(timeout=180)
+  assert resumed.returncode == 0, err
+  assert f"resumed from step {stopped_at}" in out
+  out, err = uninterrupted.communicate(timeout=180)
+  assert uninterrupted.returncode == 0, err
+  step_a, a = read_state(tmp_path / "a")
+  step_b, b = read_state(tmp_path / "b")
+  assert step_a == step_b == 400
+  chex.assert_trees_all_equal(a.params, b.params)
+  chex.assert_trees_all_equal(a.batch_stats, b.batch_stats)
+  chex.assert_trees_all_equal(a.opt_state, b.opt_state)
+  # Metrics of both halves are kept: one train line per step, none lost or repeated.
+  lines = [json.loads(l) for l in metrics.read_text().splitlines()]
+  assert sorted(l["step"] for l in lines if l["split"] == "train") == list(range(1, 401))
+
+
+@pytest.mark.parametrize("first,second", [(8, 1), (1, 8)])
+def test_checkpoint_restores_on_another_device_count(tmp_path, first, second):
+  def config(n, steps):
+    return tiny_config(**{"parallel.num_devices": n, "train.steps": steps})
+  training.train_and_evaluate(config(first, 3), str(tmp_path / "run"))
+  summary = training.train_and_evaluate(config(second, 6), str(tmp_path / "run"))
+  assert summary["start_step"] == 3 and summary["step"] == 6
+  reference = training.train_and_evaluate(config(1, 6), str(tmp_path / "ref"))
+  assert_states_close(jax.device_get(summary["state"]), jax.device_get(reference["state"]))
+
+
+def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
+  training.train_and_evaluate(tiny_config(), str(tmp_path))
+  with pytest.raises(ConfigError, match="model.depth"):
+    training.train_and_evaluate(tiny_config(**{"model.depth": 14}), str(tmp_path))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny_config(**{"model.norm": "none", "train.learning_rate": 1e9,
+                          "train.steps": 30, "checkpoint.every_steps": 1})
+  with pytest.raises(training.NonFiniteLossError, match=r"at step \d+") as info:
+    training.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
+  from resnorm_jax import checkpointing
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=3, every_steps=1)
+  assert ckpt.all_steps() and max(ckpt.all_steps()) <= bad_step
+  ckpt.close()
+  config.train.on_nonfinite = "skip"
+  summary = training.train_and_evaluate(config, str(tmp_path / "skip"))
+  assert summary["status"] == "completed" and summary["skipped_steps"] > 0
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.model.nrom=batch", "no config key 'nrom'"),
+    ("--config.model.norm=grop:32", "unknown norm 'grop:32'; valid choices: batch"),
+    ("--config.parallel.mode=pjit", "parallel.mode='pjit' is not valid"),
+    ("--config.train.batch_size=12", "divisible by the 8 data-parallel devices"),
+    ("--config=configs/cifar_resnet.py:resnet111", "unknown variant 'resnet111'"),
+])
+def test_cli_rejects_bad_config_with_one_line_and_writes_nothing(tmp_path, flag, message):
+  workdir = tmp_path / "run"
+  args = [f for f in CLI_TINY if not f.startswith("--config.parallel.num_devices")]
+  proc = subprocess.run([sys.executable, "-m", "resnorm_jax.train", f"--workdir={workdir}",
+                         *args, flag], cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ))
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("resnorm-train: error:"), proc.stderr
+  assert message in lines[0]
+  assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_95_percent(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "resnorm_jax.train", f"--workdir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr
+  accuracy = float(proc.stdout.split("test accuracy")[1].split()[0])
+  assert accuracy > 0.95
