@@ -201,7 +201,7 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = tiny_config(**{"model.norm": "none", "train.learning_rate": 1e9,
-                          "train.steps": 30, "checkpoint.every_steps": 1})
+                          "train.steps": 12, "checkpoint.every_steps": 1})
   with pytest.raises(training.NonFiniteLossError, match=r"at step \d+") as info:
     training.train_and_evaluate(config, str(tmp_path))
   bad_step = int(str(info.value).split("at step ")[1].split(";")[0])

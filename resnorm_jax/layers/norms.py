@@ -160,6 +160,14 @@ def sample_axes(x: Array) -> tuple[int, ...]:
   return (x.ndim - 1,)
 
 
+def _require_spatial_axes(name: str, x: Array) -> None:
+  if x.ndim < 3:
+    raise ConfigError(
+        f"norm {name!r} normalizes over spatial or time axes, but got flat features of "
+        f"shape {x.shape}; use it on (B, H, W, C) images or (B, T, D) sequences, or choose "
+        f"'layer', 'rms' or 'batch' for flat features")
+
+
 def batch_moments(x: Array, mask: Array | None, ctx: NormContext):
   """BatchNorm statistics under ``ctx.bn_sync``.
 
@@ -282,6 +290,7 @@ class SampleNorm(nn.Module):
       mean, var = moments(xg, axes)
       y = _normalize(xg, mean, var, self.epsilon).reshape(x.shape)
     elif self.kind == "instance":
+      _require_spatial_axes("instance", x)
       mean, var = moments(x, spatial_axes(x), mask)
       y = _normalize(x, mean, var, self.epsilon)
     else:
@@ -309,6 +318,7 @@ class SwitchableNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False, mask=None):
     c = x.shape[-1]
+    _require_spatial_axes("switchable", x)
     mean_in, var_in = moments(x, spatial_axes(x), mask)
     mean_ln, var_ln = moments(x, sample_axes(x), mask if x.ndim == 4 else None)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
