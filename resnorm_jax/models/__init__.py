@@ -36,6 +36,17 @@ def build_model(config, norm_ctx: NormContext, num_classes: int):
                       num_classes=num_classes)
 
 
+def summary_inputs(config):
+  """(model, example inputs with batch 1, call kwargs) for ``resnorm-summary``."""
+  if config.model.name == "cifar_resnet":
+    from resnorm_jax import data as data_lib
+    shape = {"digits": (8, 8, 1)}.get(config.data.name, (32, 32, 3))
+    classes = {"cifar100": 100}.get(config.data.name, 10)
+    model = build_model(config, norm_context(config), classes)
+    return model, (jnp.zeros((1,) + shape, jnp.float32),), {"train": False}
+  raise ConfigError(f"no summary inputs for model {config.model.name!r}")
+
+
 def validate_model_config(config) -> None:
   """Model-specific checks that need no compilation (depth, G dividing channels, ...)."""
   m = config.model

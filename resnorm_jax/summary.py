@@ -1,0 +1,139 @@
+"""``resnorm-summary``: a model's layer table, parameter count and forward FLOPs.
+
+    resnorm-summary --config=configs/cifar_resnet.py:resnet1001 --config.model.norm=group:16
+
+FLOPs are analytic: the model is traced abstractly (``jax.eval_shape``, nothing computed)
+while every convolution and dense layer call is intercepted and charged
+2·k·k·C_in·C_out·H_out·W_out (conv) or 2·D_in·D_out per position (dense) multiply-adds;
+models add the terms that are not layers (e.g. attention's QKᵀ and AV products) through
+``extra_flops``.  Norms, activations and additions are not counted (they are O(activations),
+not O(parameters × positions)).  Unlike XLA's cost analysis this counts a scanned stage
+once per unit, because the summary always traces the unrolled model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections import OrderedDict
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnorm_jax.layers.conv import Conv
+
+
+@dataclasses.dataclass
+class Row:
+  name: str
+  params: int = 0
+  flops: int = 0
+  output: tuple = ()
+
+
+def _layer_flops(module, args, output) -> int:
+  if isinstance(module, Conv):
+    k = module.kernel_size
+    return 2 * k * k * args[0].shape[-1] * math.prod(output.shape)
+  if isinstance(module, nn.Dense):
+    return 2 * args[0].shape[-1] * math.prod(output.shape)
+  return 0
+
+
+def model_summary(model, example_inputs: tuple, *, init_kwargs=None, apply_kwargs=None):
+  """Rows per top-level child (params, forward FLOPs per example, output shape), totals.
+
+  ``example_inputs`` have a batch dimension of 1, so FLOPs are per example.
+  """
+  init_kwargs = init_kwargs or {}
+  apply_kwargs = apply_kwargs or {}
+  rng = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  variables = jax.eval_shape(lambda: model.init(rng, *example_inputs, **init_kwargs))
+  rows: "OrderedDict[str, Row]" = OrderedDict()  # in call order
+
+  def interceptor(next_fun, args, kwargs, context):
+    output = next_fun(*args, **kwargs)
+    path = context.module.path
+    if path and context.method_name == "__call__":
+      row = rows.setdefault(path[0], Row(path[0]))
+      row.flops += _layer_flops(context.module, args, output)
+      first = output[0] if isinstance(output, tuple) else output
+      if len(path) == 1 and hasattr(first, "shape"):
+        row.output = tuple(first.shape[1:])
+    return output
+
+  def forward(variables, inputs):
+    with nn.intercept_methods(interceptor):
+      return model.apply(variables, *inputs, rngs=rng, **apply_kwargs)
+
+  jax.eval_shape(forward, variables, example_inputs)
+  for name, subtree in variables.get("params", {}).items():
+    rows.setdefault(name, Row(name)).params = sum(
+        math.prod(x.shape) for x in jax.tree_util.tree_leaves(subtree))
+  extra = getattr(model, "extra_flops", None)
+  extra_flops = int(extra(*example_inputs)) if extra else 0
+  total_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(
+      variables.get("params", {})))
+  return list(rows.values()), total_params, sum(r.flops for r in rows.values()) + extra_flops
+
+
+def format_table(rows, total_params, total_flops, title="") -> str:
+  width = max([len(r.name) for r in rows] + [5])
+  lines = [title] if title else []
+  lines.append(f"{'layer':<{width}}  {'output':>16}  {'params':>12}  {'GFLOPs/ex':>10}")
+  lines.append("-" * (width + 44))
+  for r in rows:
+    shape = "x".join(map(str, r.output)) if r.output else ""
+    lines.append(f"{r.name:<{width}}  {shape:>16}  {r.params:>12,}  {r.flops / 1e9:>10.4f}")
+  lines.append("-" * (width + 44))
+  lines.append(f"{'total':<{width}}  {'':>16}  {total_params:>12,}  {total_flops / 1e9:>10.4f}")
+  lines.append(f"parameters: {total_params / 1e6:.3f}M   forward FLOPs per example: "
+               f"{total_flops / 1e9:.4f} GFLOPs")
+  return "\n".join(lines)
+
+
+def summarize_config(config) -> str:
+  """The table for a training config (image models: one example of the data's shape)."""
+  from resnorm_jax import data as data_lib, models
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    if "scan_stages" in cfg.model:
+      cfg.model.scan_stages = False   # count each unit, not one traced body per stage
+      cfg.model.remat = False
+  model, inputs, kwargs = models.summary_inputs(cfg)
+  rows, params, flops = model_summary(model, inputs, init_kwargs=kwargs, apply_kwargs=kwargs)
+  m = cfg.model
+  title = (f"{m.name} depth={m.depth} norm={m.norm} unit={m.unit} shortcut={m.shortcut} "
+           f"skip={m.skip}" + (f" lambda={m.skip_lambda}" if m.skip_lambda else ""))
+  return format_table(rows, params, flops, title)
+
+
+def main(argv):
+  del argv
+  from absl import logging
+  from resnorm_jax import train as train_cli
+  logging.set_verbosity(logging.WARNING)
+  config = train_cli._FLAGS["config"].value
+  try:
+    from resnorm_jax import config as config_lib
+    config_lib.validate(config, jax.device_count())
+    print(summarize_config(config))
+  except config_lib.ConfigError as e:
+    print(f"resnorm-summary: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  from absl import app
+  from resnorm_jax import train as train_cli
+  try:
+    train_cli.define_flags()
+  except Exception as e:  # pylint: disable=broad-except
+    train_cli.fail(train_cli.describe_error(e))
+  app.run(main, flags_parser=train_cli.parse_flags)
+
+
+if __name__ == "__main__":
+  run()
