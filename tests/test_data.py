@@ -1,0 +1,137 @@
+"""Data sets, deterministic order and in-step augmentation."""
+
+import io
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from resnorm_jax import config as config_lib, data as data_lib
+from resnorm_jax.layers.registry import ConfigError
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_step():
+  n, bs = 50, 8
+  per_epoch = data_lib.steps_per_epoch(n, bs)
+  epoch0 = np.concatenate([data_lib.batch_indices(1, s, n, bs) for s in range(per_epoch)])
+  assert len(set(epoch0.tolist())) == per_epoch * bs          # no repeats within an epoch
+  again = data_lib.batch_indices(1, 3, n, bs)
+  np.testing.assert_array_equal(again, epoch0[3 * bs:4 * bs])  # any step, any time
+  epoch1 = data_lib.batch_indices(1, per_epoch, n, bs)
+  assert not np.array_equal(epoch1, epoch0[:bs])              # a fresh permutation per epoch
+  assert not np.array_equal(data_lib.batch_indices(2, 0, n, bs), epoch0[:bs])
+
+
+def test_batch_larger_than_data_is_a_clear_error():
+  with pytest.raises(ConfigError, match="larger than the 10 training examples"):
+    data_lib.steps_per_epoch(10, 16)
+
+
+def test_augment_crops_a_window_of_the_padded_image_and_flips():
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (16, 6, 6, 2)), jnp.uint8)
+  out = np.asarray(data_lib.augment(images, jax.random.key(0), pad=2, mode="crop_flip"))
+  padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  flipped_some = False
+  for i in range(16):
+    windows = [padded[i, a:a + 6, b:b + 6] for a in range(5) for b in range(5)]
+    plain = any(np.array_equal(out[i], w) for w in windows)
+    flipped = any(np.array_equal(out[i], w[:, ::-1]) for w in windows)
+    assert plain or flipped
+    flipped_some |= flipped and not plain
+  assert flipped_some
+  crop_only = np.asarray(data_lib.augment(images, jax.random.key(0), pad=2, mode="crop"))
+  assert out.shape == crop_only.shape == images.shape
+  np.testing.assert_array_equal(data_lib.augment(images, jax.random.key(0), pad=2,
+                                                 mode="none"), images)
+
+
+def test_normalize_per_channel():
+  images = jnp.full((1, 2, 2, 3), 255, jnp.uint8)
+  out = data_lib.normalize(images, (0.5, 0.0, 1.0), (0.5, 1.0, 2.0))
+  np.testing.assert_allclose(out[0, 0, 0], [1.0, 1.0, 0.0])
+
+
+def test_digits_ship_with_the_package():
+  config = config_lib.base_config()
+  config.data.name = "digits"
+  ds = data_lib.load_dataset(config)
+  assert ds.train_images.shape == (1437, 8, 8, 1) and ds.test_images.shape == (360, 8, 8, 1)
+  assert ds.train_images.dtype == np.uint8 and ds.num_classes == 10
+  assert set(np.unique(ds.test_labels)) == set(range(10))
+
+
+def _cifar_records(n, label_bytes, num_classes, seed=0):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, n).astype(np.uint8)
+  chw = rng.integers(0, 256, (n, 3, 32, 32)).astype(np.uint8)
+  prefix = [labels[:, None]] if label_bytes == 1 else [(labels // 5)[:, None], labels[:, None]]
+  blob = np.concatenate(prefix + [chw.reshape(n, -1)], axis=1).tobytes()
+  return blob, chw.transpose(0, 2, 3, 1), labels
+
+
+def _write_tarball(path, members):
+  with tarfile.open(path, "w:gz") as tar:
+    for name, blob in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(blob)
+      tar.addfile(info, io.BytesIO(blob))
+
+
+def _config(name, data_dir):
+  config = config_lib.base_config()
+  config.data.name, config.data.data_dir = name, str(data_dir)
+  return config
+
+
+def test_cifar10_binary_tarball(tmp_path):
+  members, train_images, train_labels = {}, [], []
+  for i in range(1, 6):
+    blob, images, labels = _cifar_records(4, 1, 10, seed=i)
+    members[f"cifar-10-batches-bin/data_batch_{i}.bin"] = blob
+    train_images.append(images)
+    train_labels.append(labels)
+  test_blob, test_images, test_labels = _cifar_records(3, 1, 10, seed=9)
+  members["cifar-10-batches-bin/test_batch.bin"] = test_blob
+  _write_tarball(tmp_path / "cifar-10-binary.tar.gz", members)
+  ds = data_lib.load_dataset(_config("cifar10", tmp_path))
+  np.testing.assert_array_equal(ds.train_images, np.concatenate(train_images))
+  np.testing.assert_array_equal(ds.train_labels, np.concatenate(train_labels))
+  np.testing.assert_array_equal(ds.test_images, test_images)
+  np.testing.assert_array_equal(ds.test_labels, test_labels)
+  assert ds.image_shape == (32, 32, 3) and ds.num_classes == 10
+
+
+def test_cifar100_uses_fine_labels(tmp_path):
+  train, _, train_labels = _cifar_records(6, 2, 100, seed=1)
+  test, _, _ = _cifar_records(2, 2, 100, seed=2)
+  _write_tarball(tmp_path / "cifar-100-binary.tar.gz",
+                 {"cifar-100-binary/train.bin": train, "cifar-100-binary/test.bin": test})
+  ds = data_lib.load_dataset(_config("cifar100", tmp_path))
+  np.testing.assert_array_equal(ds.train_labels, train_labels)
+  assert ds.num_classes == 100
+
+
+def test_missing_cifar_says_how_to_get_it(tmp_path):
+  with pytest.raises(ConfigError, match="no cifar-10-binary.tar.gz in data.data_dir"):
+    data_lib.load_dataset(_config("cifar10", tmp_path))
+
+
+def test_truncated_cifar_batch_is_reported(tmp_path):
+  blob, _, _ = _cifar_records(2, 1, 10)
+  members = {f"cifar-10-batches-bin/data_batch_{i}.bin": blob for i in range(1, 6)}
+  members["cifar-10-batches-bin/test_batch.bin"] = blob[:-7]
+  _write_tarball(tmp_path / "cifar-10-binary.tar.gz", members)
+  with pytest.raises(ConfigError, match="truncated"):
+    data_lib.load_dataset(_config("cifar10", tmp_path))
+
+
+def test_labels_out_of_range_and_bad_shapes_are_errors():
+  images = np.zeros((2, 4, 4, 1), np.uint8)
+  with pytest.raises(ConfigError, match=r"labels must be in \[0, 10\)"):
+    data_lib.make_dataset("x", (images, np.array([0, 10])), (images, np.array([0, 1])), 10)
+  with pytest.raises(ConfigError, match="uint8"):
+    data_lib.make_dataset("x", (images.astype(np.float32), np.array([0, 1])),
+                          (images, np.array([0, 1])), 10)
