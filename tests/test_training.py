@@ -241,3 +241,24 @@ def test_quickstart_reaches_95_percent(tmp_path):
   assert proc.returncode == 0, proc.stderr
   accuracy = float(proc.stdout.split("test accuracy")[1].split()[0])
   assert accuracy > 0.95
+
+
+@pytest.mark.parametrize("options", [
+    {"train.optimizer": "adamw", "train.schedule": "rsqrt", "train.warmup_steps": 10,
+     "train.learning_rate": 1e-2, "train.label_smoothing": 0.1, "train.grad_clip_norm": 1.0,
+     "model.dtype": "bfloat16"},
+    {"train.optimizer": "sgd", "train.nesterov": True, "train.schedule": "piecewise",
+     "train.boundaries": (0.5, 0.75), "train.warmup_steps": 5,
+     "train.warmup_learning_rate": 0.01, "train.learning_rate": 0.1},
+    {"train.optimizer": "adam", "train.schedule": "cosine", "train.learning_rate": 1e-2,
+     "model.norm": "group:2", "model.skip": "rskip_ln", "model.skip_lambda": 2.0},
+])
+def test_optimizers_and_options_learn_digits(tmp_path, options):
+  config = tiny_config(**{"data.name": "digits", "data.augment": "none", "train.steps": 60,
+                          "train.batch_size": 64, "eval.batch_size": 360,
+                          "parallel.num_devices": 1, "train.log_every_steps": 10, **options})
+  summary = training.train_and_evaluate(config, str(tmp_path))
+  from resnorm_jax.metrics import read_metrics
+  losses = [m["loss"] for m in read_metrics(str(tmp_path)) if m["split"] == "train"]
+  assert losses[-1] < 0.5 * losses[0]
+  assert summary["eval"]["accuracy"] > 0.6
