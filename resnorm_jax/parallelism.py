@@ -14,6 +14,7 @@ All three take and return unreplicated global state, so checkpoints never see a 
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
@@ -75,5 +76,81 @@ def data_parallel(make_fn: Callable[[str | None], Callable], mode: str, mesh: Me
 
 
 def host_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """Places a host array (the same on every process) as a global array."""
-  return jax.device_put(array, sharding)
+  """A global array from a host array that every process computes identically.
+
+  Each process materializes only the shards its own devices hold (its slice of a
+  batch-sharded array, or a full copy of a replicated one), so this is the same call on one
+  host and on a pod.
+  """
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(tree):
+  """Fetches replicated (or process-local) arrays to numpy on every process.
+
+  ``jax.device_get`` refuses arrays that span other processes' devices; a replicated array
+  has a full copy on each of this process's devices, so the first local copy is read.
+  """
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.is_fully_replicated:
+        raise ValueError(f"cannot fetch a sharded array of shape {x.shape} to the host")
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(jax.device_get(x))
+  return jax.tree_util.tree_map(fetch, tree)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if ``flag`` is true on any process (a collective)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+# Environment variables that mark a multi-process launch jax can auto-detect.
+_CLUSTER_ENV = {
+    "SLURM_NTASKS": "SLURM",
+    "OMPI_COMM_WORLD_SIZE": "Open MPI",
+    "TPU_WORKER_HOSTNAMES": "TPU VM pod",
+}
+
+
+def detect_cluster() -> str | None:
+  """Names the multi-process launcher found in the environment, or None."""
+  for var, name in _CLUSTER_ENV.items():
+    value = os.environ.get(var, "")
+    if var == "TPU_WORKER_HOSTNAMES":
+      if "," in value:
+        return name
+    elif value.isdigit() and int(value) > 1:
+      return name
+  return None
+
+
+def initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           heartbeat_timeout_seconds: int = 100) -> bool:
+  """Starts JAX's multi-controller runtime before any device is touched.
+
+  ``mode``: ``off`` (single process); ``on`` (always; jax detects TPU VM, SLURM, Open MPI
+  and GKE settings); ``auto`` (on when a coordinator address is given or a multi-process
+  launcher is detected in the environment).  An explicit ``coordinator_address`` with
+  ``num_processes`` and ``process_id`` works anywhere, e.g. several processes on 127.0.0.1.
+  A process that dies is noticed by the others within ``heartbeat_timeout_seconds``.
+  Returns whether the runtime was initialized.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"unknown distributed mode {mode!r}; valid choices: auto, on, off")
+  explicit = coordinator_address is not None
+  if mode == "off" or (mode == "auto" and not explicit and detect_cluster() is None):
+    return False
+  if explicit and (num_processes is None or process_id is None):
+    raise ValueError("--coordinator_address needs --num_processes and --process_id too")
+  kwargs = dict(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  if explicit:
+    kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  jax.distributed.initialize(**kwargs)
+  return True

@@ -5,8 +5,13 @@
 
 With no ``--config`` it runs ``configs/quickstart.py``.  A workdir that holds checkpoints
 resumes from the newest one.  Exit codes: 0 done, 1 non-finite loss (the last good
-checkpoint is kept), 2 invalid flags or config (nothing written), 143 preempted by SIGTERM
-after saving a checkpoint (rerun the same command to resume).
+checkpoint is kept), 2 invalid flags or config (nothing written), 3 another process of a
+multi-process run died, 143 preempted by SIGTERM after saving a checkpoint (rerun the same
+command to resume).
+
+Multi-process (several hosts, or several processes on one host): ``--coordinator_address``,
+``--num_processes`` and ``--process_id``, or automatic detection on TPU VM pods, SLURM and
+Open MPI (``--distributed``); see launch/.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from resnorm_jax.layers.registry import ConfigError
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(PACKAGE_ROOT, "configs", "quickstart.py")
-EXIT_NONFINITE, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 143
+EXIT_NONFINITE, EXIT_USAGE, EXIT_PEER_LOST, EXIT_PREEMPTED = 1, 2, 3, 143
 
 _FLAGS = {}
 
@@ -38,6 +43,19 @@ def define_flags():
   _FLAGS["workdir"] = flags.DEFINE_string(
       "workdir", None, "Directory for checkpoints, metrics and the resolved config "
       "(default: runs/<config name>[_<variant>]).")
+  _FLAGS["distributed"] = flags.DEFINE_enum(
+      "distributed", "auto", ["auto", "on", "off"],
+      "Multi-process runtime: auto = on when --coordinator_address is given or SLURM / "
+      "Open MPI / a TPU VM pod is detected; on = always (jax detects the cluster).")
+  _FLAGS["coordinator_address"] = flags.DEFINE_string(
+      "coordinator_address", None, "host:port of process 0, e.g. 127.0.0.1:12355.")
+  _FLAGS["num_processes"] = flags.DEFINE_integer("num_processes", None,
+                                                 "Number of processes (with an address).")
+  _FLAGS["process_id"] = flags.DEFINE_integer("process_id", None,
+                                              "This process's index (with an address).")
+  _FLAGS["heartbeat_timeout"] = flags.DEFINE_integer(
+      "heartbeat_timeout", 100, "Seconds after which a silent process counts as dead and "
+      "the others stop with an error.")
 
 
 def fail(message: str, code: int = EXIT_USAGE):
@@ -121,17 +139,33 @@ def print_summary(summary: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; use --config.<key>=<value> for overrides")
-  from resnorm_jax import training  # imports jax: after flags are valid
+  logging.set_verbosity(logging.WARNING)
+  from resnorm_jax import parallelism  # imports jax: after flags are valid
+  try:
+    parallelism.initialize_distributed(
+        _FLAGS["distributed"].value, _FLAGS["coordinator_address"].value,
+        _FLAGS["num_processes"].value, _FLAGS["process_id"].value,
+        _FLAGS["heartbeat_timeout"].value)
+  except ValueError as e:
+    fail(str(e))
+  from resnorm_jax import training
+  import jax
   config = _FLAGS["config"].value
   workdir = _FLAGS["workdir"].value or default_workdir()
-  logging.set_verbosity(logging.WARNING)
   try:
     summary = training.train_and_evaluate(config, workdir)
   except ConfigError as e:
     fail(str(e))
   except training.NonFiniteLossError as e:
     fail(str(e), EXIT_NONFINITE)
-  print_summary(summary)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    fail(f"process {jax.process_index()} lost its peers ({str(e).splitlines()[0][:300]}); "
+         f"another process probably died. Checkpoints written so far are kept in {workdir}: "
+         f"restart all processes with the same command to resume", EXIT_PEER_LOST)
+  if jax.process_index() == 0:
+    print_summary(summary)
   if summary["status"] == "preempted":
     sys.exit(EXIT_PREEMPTED)
 

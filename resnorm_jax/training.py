@@ -265,9 +265,9 @@ def evaluate(task: Task, eval_step, state, images, labels) -> dict[str, float]:
     idx = np.arange(start, start + bs)
     weights = (idx < n).astype(np.float32)
     idx = np.where(idx < n, idx, 0).astype(np.int32)
-    out = eval_step(state, images, labels, jax.device_put(idx, sharded),
-                    jax.device_put(weights, sharded))
-    totals += np.array(jax.device_get(out), dtype=np.float64)
+    out = eval_step(state, images, labels, parallelism.host_to_global(idx, sharded),
+                    parallelism.host_to_global(weights, sharded))
+    totals += np.array(parallelism.to_host(out), dtype=np.float64)
   loss_sum, correct, count = totals
   return {"loss": loss_sum / count, "accuracy": correct / count, "error": 1 - correct / count}
 
@@ -276,7 +276,7 @@ def evaluate(task: Task, eval_step, state, images, labels) -> dict[str, float]:
 # The loop.
 # ----------------------------------------------------------------------------------------
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
-  fetched = jax.device_get(history)
+  fetched = parallelism.to_host(history)
   return {k: float(np.mean([h[k] for h in fetched])) for k in fetched[0]}
 
 
@@ -307,14 +307,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = restored[1]
     logging.info("resumed from the checkpoint of step %d in %s", restored[0], workdir)
-  start_step = int(jax.device_get(state.step))
+  start_step = int(parallelism.to_host(state.step))
 
   replicated = parallelism.replicated(mesh)
   sharded = parallelism.batch_sharded(mesh)
-  train_images = jax.device_put(dataset.train_images, replicated)
-  train_labels = jax.device_put(dataset.train_labels, replicated)
-  test_images = jax.device_put(dataset.test_images, replicated)
-  test_labels = jax.device_put(dataset.test_labels, replicated)
+  # Every process loads the (small) uint8 data set and keeps it on its devices; each step's
+  # global batch is assembled from the per-process slices of its index array.
+  train_images, train_labels, test_images, test_labels = (
+      parallelism.host_to_global(a, replicated) for a in (
+          dataset.train_images, dataset.train_labels, dataset.test_images,
+          dataset.test_labels))
   train_step, eval_step = make_train_step(task), make_eval_step(task)
 
   t = config.train
@@ -333,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    f"loss {last_eval['loss']:.4f}")
 
   def check_finite(step):
-    bad = int(jax.device_get(state.nonfinite_step))
+    bad = int(parallelism.to_host(state.nonfinite_step))
     if bad >= 0:
       kept = ckpt.latest_step()
       raise NonFiniteLossError(
@@ -349,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       while step < t.steps:
         idx = data_lib.batch_indices(t.seed, step, len(dataset.train_labels), t.batch_size)
         state, metrics = train_step(state, train_images, train_labels,
-                                    jax.device_put(idx, sharded))
+                                    parallelism.host_to_global(idx, sharded))
         history.append(metrics)
         step += 1
         if step % t.log_every_steps == 0 or step == t.steps:
@@ -367,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if ckpt.should_save(step):
           check_finite(step)
           ckpt.save(step, state)
-        if guard.requested:
+        if parallelism.any_process(guard.requested):  # all processes save the same step
           check_finite(step)
           ckpt.save(step, state, force=True)
           status = "preempted"
@@ -389,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "step": step,
       "start_step": start_step,
       "eval": last_eval,
-      "skipped_steps": int(jax.device_get(state.skipped_steps)),
+      "skipped_steps": int(parallelism.to_host(state.skipped_steps)),
       "train_seconds": train_time,
       "total_seconds": time.perf_counter() - t0,
       "workdir": workdir,

@@ -16,7 +16,7 @@ import pytest
 from resnorm_jax import config as config_lib, data as data_lib, parallelism, training
 from resnorm_jax.layers.registry import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import CLI_TINY, REPO, read_state
 
 
 def tiny_config(**overrides):
@@ -105,41 +105,6 @@ def test_weight_decay_skips_norm_parameters_and_biases():
             "bias": jnp.ones(2)}, "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
   assert training.decay_mask(params) == {"conv": {"kernel": True}, "norm": {
       "scale": False, "bias": False}, "dense": {"kernel": True, "bias": False}}
-
-
-def read_state(workdir):
-  """The final state of a finished run, restored from its newest checkpoint."""
-  config = config_lib.base_config()
-  config.update_from_flattened_dict(
-      {k: (tuple(v) if isinstance(v, list) else v) for k, v in _flatten(
-          json.load(open(os.path.join(workdir, "config.json")))).items()})
-  from resnorm_jax import checkpointing
-  dataset = data_lib.load_dataset(config)
-  task = training.build_task(config, dataset, parallelism.make_mesh(1))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3,
-                                    every_steps=0)
-  step, state = ckpt.restore(training.abstract_state(task))
-  ckpt.close()
-  return step, jax.device_get(state)
-
-
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-CLI_TINY = ["--config.model.depth=8", "--config.model.width=4",
-            "--config.data.synthetic_train_size=64", "--config.data.synthetic_test_size=32",
-            "--config.train.batch_size=16", "--config.train.schedule=cosine",
-            "--config.train.learning_rate=0.05", "--config.train.log_every_steps=1",
-            "--config.eval.every_steps=0", "--config.eval.batch_size=16",
-            "--config.checkpoint.every_steps=1000", "--config.data.name=synthetic",
-            "--config.parallel.num_devices=1"]
 
 
 def cli(workdir, *flags, **popen):
