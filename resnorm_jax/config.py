@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"       # compute dtype; parameters and statistics stay float32
   c.model.scan_stages = False
   c.model.remat = False
+  # Transformer (model.name=transformer); model.norm then replaces its LayerNorms.
+  c.model.preset = "base"         # base | big | iwslt | tiny
+  c.model.vocab_size = 37_000     # shared source/target subword vocabulary
+  c.model.max_len = 512
+  c.model.summary_length = 128    # tokens per side for resnorm-summary's FLOPs
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"       # see resnorm_jax.data.DATASETS
@@ -112,26 +117,37 @@ def _spec(registry, value, key, **context) -> None:
     raise ConfigError(f"{key}: {e}") from None
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError for the first invalid value; compiles and writes nothing."""
-  from resnorm_jax import data as data_lib  # local: data imports optional loaders
+def validate_model(config: ml_collections.ConfigDict) -> None:
+  """Checks the ``model`` section against the registries (no data, no devices)."""
   from resnorm_jax import models
 
-  m, p, t = config.model, config.parallel, config.train
+  m = config.model
   _choice(m.name, models.MODELS.names(), "model.name")
-  _choice(p.mode, PARALLEL_MODES, "parallel.mode")
-  _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
-  _choice(t.schedule, SCHEDULES, "train.schedule")
   _choice(m.dtype, DTYPES, "model.dtype")
-  _choice(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")
-  _choice(config.data.name, data_lib.DATASETS.names(), "data.name")
-  for key in ("norm",):
-    _spec(NORMS, m[key], f"model.{key}")
+  _spec(NORMS, m.norm, "model.norm")
   if m.name == "cifar_resnet":
     _spec(UNIT_ORDERINGS, m.unit, "model.unit")
     _spec(SHORTCUTS, m.shortcut, "model.shortcut")
   _spec(COMBINATORS, m.skip, "model.skip", lam=m.skip_lambda)
   models.validate_model_config(config)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError for the first invalid value; compiles and writes nothing."""
+  from resnorm_jax import data as data_lib  # local: data imports optional loaders
+
+  p, t = config.parallel, config.train
+  validate_model(config)
+  _choice(p.mode, PARALLEL_MODES, "parallel.mode")
+  _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
+  _choice(t.schedule, SCHEDULES, "train.schedule")
+  _choice(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")
+  _choice(config.data.name, data_lib.DATASETS.names(), "data.name")
+  if config.model.name != "cifar_resnet":
+    raise ConfigError(
+        f"resnorm-train trains image classifiers on {', '.join(data_lib.DATASETS.names())}; "
+        f"model.name={config.model.name!r} needs a translation data set, which this version "
+        "does not provide yet (use resnorm-summary to inspect it)")
 
   requested = p.num_devices or num_devices
   if p.num_devices < 0 or requested > num_devices:

@@ -5,8 +5,8 @@
 FLOPs are analytic: the model is traced abstractly (``jax.eval_shape``, nothing computed)
 while every convolution and dense layer call is intercepted and charged
 2·k·k·C_in·C_out·H_out·W_out (conv) or 2·D_in·D_out per position (dense) multiply-adds;
-models add the terms that are not layers (e.g. attention's QKᵀ and AV products) through
-``extra_flops``.  Norms, activations and additions are not counted (they are O(activations),
+models add the terms that are not layers (attention's QKᵀ and AV products, tied output
+logits) through ``extra_flops``.  Norms, activations and additions are not counted (they are O(activations),
 not O(parameters × positions)).  Unlike XLA's cost analysis this counts a scanned stage
 once per unit, because the summary always traces the unrolled model.
 """
@@ -42,7 +42,8 @@ def _layer_flops(module, args, output) -> int:
   return 0
 
 
-def model_summary(model, example_inputs: tuple, *, init_kwargs=None, apply_kwargs=None):
+def model_summary(model, example_inputs: tuple, *, init_kwargs=None, apply_kwargs=None,
+                  extra_flops: int = 0):
   """Rows per top-level child (params, forward FLOPs per example, output shape), totals.
 
   ``example_inputs`` have a batch dimension of 1, so FLOPs are per example.
@@ -72,8 +73,6 @@ def model_summary(model, example_inputs: tuple, *, init_kwargs=None, apply_kwarg
   for name, subtree in variables.get("params", {}).items():
     rows.setdefault(name, Row(name)).params = sum(
         math.prod(x.shape) for x in jax.tree_util.tree_leaves(subtree))
-  extra = getattr(model, "extra_flops", None)
-  extra_flops = int(extra(*example_inputs)) if extra else 0
   total_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(
       variables.get("params", {})))
   return list(rows.values()), total_params, sum(r.flops for r in rows.values()) + extra_flops
@@ -102,11 +101,15 @@ def summarize_config(config) -> str:
     if "scan_stages" in cfg.model:
       cfg.model.scan_stages = False   # count each unit, not one traced body per stage
       cfg.model.remat = False
-  model, inputs, kwargs = models.summary_inputs(cfg)
-  rows, params, flops = model_summary(model, inputs, init_kwargs=kwargs, apply_kwargs=kwargs)
+  model, inputs, kwargs, extra = models.summary_inputs(cfg)
+  rows, params, flops = model_summary(model, inputs, init_kwargs=kwargs, apply_kwargs=kwargs,
+                                      extra_flops=extra)
   m = cfg.model
-  title = (f"{m.name} depth={m.depth} norm={m.norm} unit={m.unit} shortcut={m.shortcut} "
-           f"skip={m.skip}" + (f" lambda={m.skip_lambda}" if m.skip_lambda else ""))
+  shape = (f"preset={m.preset} vocab={m.vocab_size} (FLOPs for {m.summary_length}-token "
+           "source and target)" if m.name == "transformer" else
+           f"depth={m.depth} unit={m.unit} shortcut={m.shortcut}")
+  title = (f"{m.name} {shape} norm={m.norm} skip={m.skip}"
+           + (f" lambda={m.skip_lambda}" if m.skip_lambda else ""))
   return format_table(rows, params, flops, title)
 
 
@@ -118,7 +121,7 @@ def main(argv):
   config = train_cli._FLAGS["config"].value
   try:
     from resnorm_jax import config as config_lib
-    config_lib.validate(config, jax.device_count())
+    config_lib.validate_model(config)
     print(summarize_config(config))
   except config_lib.ConfigError as e:
     print(f"resnorm-summary: error: {e}", file=sys.stderr)

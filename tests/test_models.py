@@ -130,7 +130,8 @@ def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
 def test_summary_flops_and_params_are_analytic():
   config = config_lib.base_config()
   config.model.depth = 20
-  model, inputs, kwargs = models.summary_inputs(config)
+  model, inputs, kwargs, extra = models.summary_inputs(config)
+  assert extra == 0
   rows, params, flops = summary.model_summary(model, inputs, init_kwargs=kwargs,
                                               apply_kwargs=kwargs)
   # ResNet-20 multiply-adds by hand: stem, 9 basic units, 2 projections, classifier.
@@ -149,3 +150,39 @@ def test_group_norm_that_does_not_divide_a_stage_is_rejected_before_compiling():
   config.model.norm = "group:32"
   with pytest.raises(ConfigError, match=r"G=32 does not divide the \[16\] channels"):
     config_lib.validate(config, 1)
+
+
+def transformer_config(**model):
+  config = config_lib.base_config()
+  config.model.name, config.model.norm, config.model.skip = "transformer", "layer", "post_ln"
+  for key, value in model.items():
+    config.model[key] = value
+  return config
+
+
+def test_transformer_is_one_config_value_away_and_summarized():
+  config = transformer_config(preset="tiny", vocab_size=100, summary_length=8)
+  config_lib.validate_model(config)
+  text = summary.summarize_config(config)
+  assert "transformer preset=tiny" in text and "encoder" in text and "decoder" in text
+  model, inputs, kwargs, extra = models.summary_inputs(config)
+  _, params, flops = summary.model_summary(model, inputs, init_kwargs=kwargs,
+                                           apply_kwargs=kwargs, extra_flops=extra)
+  # Dense layers: every weight matrix is used once per token, except the tied embedding
+  # (counted in `extra` as the logits) and the cross-attention K/V (once per source token).
+  assert flops > 2 * 8 * (params - 100 * model.config.d_model) and extra > 0
+
+
+@pytest.mark.parametrize("model,message", [
+    (dict(norm="instance"), "makes no sense in a Transformer"),
+    (dict(preset="huge"), "model.preset='huge' is not valid"),
+    (dict(skip="rskip_ln", skip_lambda=1.5), "integer"),
+])
+def test_transformer_config_errors(model, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate_model(transformer_config(**model))
+
+
+def test_training_a_transformer_without_translation_data_is_a_clear_error():
+  with pytest.raises(ConfigError, match="needs a translation data set"):
+    config_lib.validate(transformer_config(), 1)

@@ -31,25 +31,67 @@ def _cifar_resnet(arg, config, norm_ctx: NormContext, num_classes: int):
                      scan_stages=m.scan_stages, remat=m.remat)
 
 
+@MODELS.register("transformer", "encoder-decoder Transformer (Vaswani 2017), presets base, "
+                 "big, iwslt, tiny; every sublayer wrapped by `model.skip`")
+def _transformer(arg, config, norm_ctx: NormContext, num_classes: int = 0):
+  del num_classes
+  from resnorm_jax.models.transformer import Transformer
+  return Transformer(transformer_config(config, norm_ctx))
+
+
+def transformer_config(config, norm_ctx: NormContext):
+  from resnorm_jax.models.transformer import transformer_preset
+  m = config.model
+  return transformer_preset(m.preset, m.vocab_size, max_len=m.max_len, skip=m.skip,
+                            skip_lambda=m.skip_lambda, norm=m.norm, norm_ctx=norm_ctx,
+                            dtype=compute_dtype(config))
+
+
 def build_model(config, norm_ctx: NormContext, num_classes: int):
   return MODELS.build(config.model.name, config=config, norm_ctx=norm_ctx,
                       num_classes=num_classes)
 
 
 def summary_inputs(config):
-  """(model, example inputs with batch 1, call kwargs) for ``resnorm-summary``."""
+  """(model, inputs with batch 1, call kwargs, FLOPs not in layers) for ``resnorm-summary``."""
   if config.model.name == "cifar_resnet":
     from resnorm_jax import data as data_lib
     shape = {"digits": (8, 8, 1)}.get(config.data.name, (32, 32, 3))
     classes = {"cifar100": 100}.get(config.data.name, 10)
     model = build_model(config, norm_context(config), classes)
-    return model, (jnp.zeros((1,) + shape, jnp.float32),), {"train": False}
+    return model, (jnp.zeros((1,) + shape, jnp.float32),), {"train": False}, 0
+  if config.model.name == "transformer":
+    model = build_model(config, norm_context(config), 0)
+    cfg, n = model.config, config.model.summary_length
+    tokens = jnp.ones((1, n), jnp.int32)
+    d = cfg.d_model
+    # Not layers: QKᵀ and AV (2 matmuls of 2·n·n·d each) per attention, tied output logits.
+    attention = 4 * n * n * d * (cfg.num_encoder_layers + 2 * cfg.num_decoder_layers)
+    logits = 2 * n * d * cfg.vocab_size if cfg.tie_output else 0
+    return model, (tokens, tokens), {"train": False}, attention + logits
   raise ConfigError(f"no summary inputs for model {config.model.name!r}")
+
+
+TRANSFORMER_NORMS = ("layer", "rms", "batch", "group", "none")
 
 
 def validate_model_config(config) -> None:
   """Model-specific checks that need no compilation (depth, G dividing channels, ...)."""
   m = config.model
+  if m.name == "transformer":
+    from resnorm_jax.models.transformer import PRESETS
+    if m.preset not in PRESETS:
+      raise ConfigError(f"model.preset={m.preset!r} is not valid; valid choices: "
+                        f"{', '.join(PRESETS)}")
+    norm = NORMS.entry(m.norm)[0].name
+    if norm not in TRANSFORMER_NORMS:
+      raise ConfigError(f"model.norm={m.norm!r} makes no sense in a Transformer (it needs "
+                        f"spatial axes or mixes in such statistics); valid choices: "
+                        f"{', '.join(TRANSFORMER_NORMS)}")
+    if m.vocab_size < 4:
+      raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 4 (pad, bos, eos, ...)")
+    transformer_config(config, norm_context(config))  # the dataclass's own checks
+    return
   if m.name == "cifar_resnet":
     from resnorm_jax.models.resnet import resolve_block
     try:
