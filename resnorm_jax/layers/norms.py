@@ -361,13 +361,17 @@ def _batch(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return BatchNorm(ctx=ctx, scale_init=scale_init, name=name)
 
 
-@NORMS.register("layer", "LayerNorm per sample over (H,W,C) of an image / D of a token",
-                arg_doc="`c` = over channels only, per pixel")
-def _layer(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
-  if arg not in (None, "c"):
-    raise ConfigError(f"norm 'layer:{arg}': valid arguments: none (all of H,W,C) or 'c'")
-  return SampleNorm("layer", per_position=arg == "c", epsilon=ctx.epsilon,
-                    scale_init=scale_init, name=name)
+def _register_per_sample(kind: str, doc: str):
+  """``layer`` and ``rms``: all of H,W,C per image (or D per token); ``:c`` channels only."""
+  @NORMS.register(kind, doc, arg_doc="`c` = over channels only, per pixel")
+  def build(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
+    if arg not in (None, "c"):
+      raise ConfigError(f"norm '{kind}:{arg}': valid arguments: none (all of H,W,C) or 'c'")
+    return SampleNorm(kind, per_position=arg == "c", epsilon=ctx.epsilon,
+                      scale_init=scale_init, name=name)
+
+
+_register_per_sample("layer", "LayerNorm per sample over (H,W,C) of an image / D of a token")
 
 
 @NORMS.register("instance", "InstanceNorm per sample and channel over (H,W) / real tokens T")
@@ -388,13 +392,8 @@ def _switchable(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=Non
   return SwitchableNorm(ctx=ctx, scale_init=scale_init, name=name)
 
 
-@NORMS.register("rms", "RMSNorm: x / sqrt(mean(x²) + ε) per sample, scale only, no centring",
-                arg_doc="`c` = over channels only, per pixel")
-def _rms(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
-  if arg not in (None, "c"):
-    raise ConfigError(f"norm 'rms:{arg}': valid arguments: none (all of H,W,C) or 'c'")
-  return SampleNorm("rms", per_position=arg == "c", epsilon=ctx.epsilon,
-                    scale_init=scale_init, name=name)
+_register_per_sample("rms", "RMSNorm: x / sqrt(mean(x²) + ε) per sample, scale only, no "
+                     "centring")
 
 
 @NORMS.register("none", "identity: no normalization")
