@@ -524,3 +524,13 @@ def test_readme_lists_every_registry_name():
       if not re.search(r"`" + re.escape(name) + r"(\[:[^`\]]*\])?`", text):
         missing.append(f"{registry.kind} {name}")
   assert not missing, f"README.md does not list: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("spec,field", [("post_ln", "post_norm"), ("pre_ln", "pre_norm"),
+                                        ("xskip_ln:2", "post_norm"), ("rskip_ln:2", "post_norm"),
+                                        ("deepnorm", "post_norm")])
+def test_layer_norm_of_ln_combinators_can_be_replaced(spec, field):
+  assert getattr(make_combinator(spec), field) == "layer"
+  assert getattr(make_combinator(spec, layer_norm="rms"), field) == "rms"
+  # BatchNorm variants keep their BatchNorm.
+  assert make_combinator("rskip_bn:2", layer_norm="rms").post_norm == "batch"

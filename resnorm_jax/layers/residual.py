@@ -234,23 +234,30 @@ LAMBDA_COMBINATORS = ("xskip", "xskip_ln", "xskip_bn", "rskip_ln", "rskip_bn")
 def _register_lambda_combinator(name, doc, *, norm, recursive):
   @COMBINATORS.register(name, doc, arg_doc="λ (or `model.skip_lambda`)" +
                         (", an integer >= 1" if recursive else ", a float >= 0"))
-  def build(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None):
+  def build(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None, layer_norm="layer"):
     del depth
     value = _resolve_lambda(build.spec_name, arg, lam, default=1,
                             integer=recursive, minimum=1 if recursive else 0.0)
+    post = layer_norm if norm == "layer" else norm
     if recursive:
-      return SkipCombinator(post_norm=norm, repeats=value, ctx=ctx, name=name)
-    return SkipCombinator(x_scale=value, post_norm=norm, repeats=1 if norm else 0, ctx=ctx,
+      return SkipCombinator(post_norm=post, repeats=value, ctx=ctx, name=name)
+    return SkipCombinator(x_scale=value, post_norm=post, repeats=1 if norm else 0, ctx=ctx,
                           name=name)
   build.spec_name = name
 
 
+def _with_layer_norm(fields: dict, layer_norm: str) -> dict:
+  """Replaces the LayerNorm of an LN-based combinator by ``layer_norm`` (e.g. ``rms``)."""
+  return {k: (layer_norm if k in ("pre_norm", "post_norm") and v == "layer" else v)
+          for k, v in fields.items()}
+
+
 def _register_fixed_combinator(name, doc, **fields):
   @COMBINATORS.register(name, doc)
-  def build(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None):
+  def build(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None, layer_norm="layer"):
     del depth
     _no_lambda(build.spec_name, arg, lam)
-    return SkipCombinator(ctx=ctx, name=name, **fields)
+    return SkipCombinator(ctx=ctx, name=name, **_with_layer_norm(fields, layer_norm))
   build.spec_name = name
 
 
@@ -271,7 +278,7 @@ _register_fixed_combinator("rezero", "y = x + α·F(x), α learned, init 0 (Bach
 
 @COMBINATORS.register("skipinit", "y = x + α·F(x), α learned scalar on the branch (De & "
                       "Smith 2020)", arg_doc="α init (default 0)")
-def _skipinit(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None):
+def _skipinit(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None, layer_norm="layer"):
   if lam is not None:
     _no_lambda("skipinit", None, lam)
   a = 0.0 if arg is None else parse_number(arg, f"skip 'skipinit:{arg}': alpha init")
@@ -280,16 +287,21 @@ def _skipinit(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None):
 
 @COMBINATORS.register("deepnorm", "y = LN(α·x + F(x)), α and branch init gain β from the "
                       "depth (DeepNet, Wang 2022)")
-def _deepnorm(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None):
+def _deepnorm(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None, layer_norm="layer"):
   _no_lambda("deepnorm", arg, lam)
   alpha, beta = deepnorm_constants(depth or DepthInfo())
-  return SkipCombinator(x_scale=alpha, post_norm="layer", repeats=1, init_scale=beta,
+  return SkipCombinator(x_scale=alpha, post_norm=layer_norm, repeats=1, init_scale=beta,
                         ctx=ctx, name=name)
 
 
 def make_combinator(spec: str, *, lam=None, ctx: NormContext = _DEFAULT_CTX,
-                    depth: DepthInfo | None = None, name=None) -> SkipCombinator:
-  return COMBINATORS.build(spec, lam=lam, ctx=ctx, depth=depth, name=name)
+                    depth: DepthInfo | None = None, name=None,
+                    layer_norm: str = "layer") -> SkipCombinator:
+  """Builds the combinator ``spec``.  ``layer_norm`` is the norm spec that LN-based
+  combinators (``pre_ln``, ``post_ln``, ``xskip_ln``, ``rskip_ln``, ``deepnorm``) use in
+  place of LayerNorm, e.g. ``rms`` for an RMSNorm Transformer; BN variants keep BN."""
+  return COMBINATORS.build(spec, lam=lam, ctx=ctx, depth=depth, name=name,
+                           layer_norm=layer_norm)
 
 
 # ----------------------------------------------------------------------------------------

@@ -195,18 +195,15 @@ def stack_depth(cfg: TransformerConfig, stack: str) -> DepthInfo:
 
 
 def resolve_skip(cfg: TransformerConfig, stack: str) -> SkipSpec:
-  """Builds ``cfg.skip`` with ``make_combinator`` and substitutes ``cfg.norm`` for LN.
+  """Builds ``cfg.skip`` with ``make_combinator``, ``cfg.norm`` in place of LayerNorm.
 
   Call it at top level or inside a ``setup()``: an unnamed module built there is an
   unattached template (it registers no submodule and owns no variables).
   """
   template = make_combinator(cfg.skip, lam=cfg.skip_lambda, ctx=cfg.norm_ctx,
-                             depth=stack_depth(cfg, stack))
+                             depth=stack_depth(cfg, stack), layer_norm=cfg.norm)
   fields = {f.name: getattr(template, f.name) for f in dataclasses.fields(template)
             if f.init and f.name not in ("parent", "name")}
-  for key in ("pre_norm", "post_norm"):
-    if fields.get(key) == "layer":
-      fields[key] = cfg.norm
   return SkipSpec(tuple(sorted(fields.items())))
 
 
