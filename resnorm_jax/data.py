@@ -188,7 +188,7 @@ def tfds_prepared(name: str, data_dir: str) -> bool:
 
 
 def decode_tfds_records(records, *, image_key="image", label_key="label", where=""):
-  """Serialized ``tf.train.Example`` records -> (uint8 NHWC images, int32 labels).
+  """Serialized ``tf.train.Example`` records -> (uint8 NHWC images, int64 labels).
 
   Parses the protos with protobuf (no TensorFlow) and decodes each PNG once into one
   preallocated array; every image must have CIFAR's shape (32, 32, 3).
@@ -213,6 +213,11 @@ def decode_tfds_records(records, *, image_key="image", label_key="label", where=
     images[i] = np.frombuffer(image.tobytes(), np.uint8).reshape(_CIFAR_SHAPE)
     labels[i] = feature[label_key].int64_list.value[0]
   return images, labels
+
+
+def _chunks(n: int, size: int) -> list[list[int]]:
+  """Record keys 0..n-1 in consecutive batches of at most ``size``."""
+  return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
 def load_cifar_tfds(name: str, data_dir: str, chunk: int = 10_000) -> ImageDataset:
@@ -245,10 +250,8 @@ def load_cifar_tfds(name: str, data_dir: str, chunk: int = 10_000) -> ImageDatas
     where = f"TFDS {name} ({split}) in {builder.data_dir}"
     source = tfds.data_source(name, split=split, data_dir=_tfds_dir(data_dir),
                               deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-    starts = range(0, len(source), chunk)
-    parts = [decode_tfds_records(
-        source.__getitems__(list(range(i, min(i + chunk, len(source))))), where=where)
-             for i in starts]
+    parts = [decode_tfds_records(source.__getitems__(keys), where=where)
+             for keys in _chunks(len(source), chunk)]
     if not parts:
       raise ConfigError(f"{where}: the split is empty; prepare the data set again")
     images, labels = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
