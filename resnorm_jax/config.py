@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"       # see resnorm_jax.data.DATASETS
   c.data.data_dir = ""            # TFDS data dir / directory holding the CIFAR tarball
+  c.data.source = "auto"          # CIFAR: auto (TFDS if prepared, else tarball) | tfds | tarball
   c.data.augment = "crop_flip"    # crop_flip (pad + random crop + flip) | crop | none
   c.data.pad = 4
   c.data.synthetic_train_size = 1024
@@ -92,6 +93,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 3
+
+  # The published result an experiment config reproduces: test error in %, where it is
+  # published, and a note (e.g. "fail: > 20%"); error None = no published number.  Read by
+  # resnorm-sweep for its results table, never by training.
+  c.published = ml_collections.ConfigDict({
+      "error": ml_collections.config_dict.placeholder(float), "source": "", "note": ""})
   return c
 
 

@@ -1,6 +1,7 @@
 """Data sets, deterministic order and in-step augmentation."""
 
 import io
+import os
 import tarfile
 
 import jax
@@ -135,3 +136,132 @@ def test_labels_out_of_range_and_bad_shapes_are_errors():
   with pytest.raises(ConfigError, match="uint8"):
     data_lib.make_dataset("x", (images.astype(np.float32), np.array([0, 1])),
                           (images, np.array([0, 1])), 10)
+
+
+# ----------------------------------------------------------------------------------------
+# CIFAR through TFDS.  tfds.testing.mock_data serves tfds.data_source only record by record
+# (its batched __getitems__ lacks `self` in tfds 4.9, and RAW_BYTES mocking needs TensorFlow
+# to encode images), so these tests write a real tiny ArrayRecord TFDS data set on disk with
+# the cifar10/cifar100 builders' own features and dataset_info.json, without TensorFlow.
+# ----------------------------------------------------------------------------------------
+def _png(image):
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  buffer.seek(0)
+  return buffer
+
+
+def _raw_example(image, label):
+  """A tf.train.Example built directly (to write labels the builder would refuse)."""
+  from tensorflow_datasets.proto import tf_example_pb2
+  example = tf_example_pb2.Example()
+  example.features.feature["image"].bytes_list.value.append(_png(image).getvalue())
+  example.features.feature["label"].int64_list.value.append(int(label))
+  return example.SerializeToString()
+
+
+def _write_tfds(data_dir, name, sizes, *, shape=(32, 32, 3), bad_label=None, seed=0,
+                file_format="array_record"):
+  """Writes a prepared TFDS ``name`` (splits of ``sizes``); returns {split: (images, labels)}."""
+  import tensorflow_datasets as tfds
+  from array_record.python import array_record_module
+
+  builder = tfds.builder(name, data_dir=str(data_dir), file_format=file_format)
+  features, classes = builder.info.features, builder.info.features["label"].num_classes
+  rng = np.random.default_rng(seed)
+  os.makedirs(builder.data_dir, exist_ok=True)
+  written, splits = {}, []
+  for split, n in sizes.items():
+    images = rng.integers(0, 256, (n,) + shape, dtype=np.uint8)
+    labels = rng.integers(0, classes, n)
+    template = tfds.core.ShardedFileTemplate(data_dir=builder.data_dir, dataset_name=name,
+                                             split=split, filetype_suffix=file_format)
+    writer = array_record_module.ArrayRecordWriter(
+        os.fspath(template.sharded_filepaths(1)[0]), "group_size:1")
+    for i in range(n):
+      if bad_label is not None and i == n - 1:
+        writer.write(_raw_example(images[i], bad_label))
+        continue
+      example = {"id": f"{split}_{i}", "image": _png(images[i]), "label": labels[i]}
+      if "coarse_label" in features:
+        example["coarse_label"] = labels[i] // 5
+      writer.write(features.serialize_example(features.encode_example(example)))
+    writer.close()
+    splits.append(tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0,
+                                      filename_template=template))
+    written[split] = (images, labels)
+  builder.info.set_splits(tfds.core.SplitDict(splits))
+  builder.info.write_to_directory(builder.data_dir)
+  return written
+
+
+def _source_config(name, data_dir, source):
+  config = _config(name, data_dir)
+  config.data.source = source
+  return config
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_from_tfds_array_record(tmp_path, name):
+  written = _write_tfds(tmp_path, name, {"train": 12, "test": 5})
+  for source in ("tfds", "auto"):
+    ds = data_lib.load_dataset(_source_config(name, tmp_path, source))
+    np.testing.assert_array_equal(ds.train_images, written["train"][0])
+    np.testing.assert_array_equal(ds.train_labels, written["train"][1])
+    np.testing.assert_array_equal(ds.test_images, written["test"][0])
+    np.testing.assert_array_equal(ds.test_labels, written["test"][1])
+    assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
+    assert ds.num_classes == (10 if name == "cifar10" else 100)
+
+
+def test_tfds_reads_in_chunks(tmp_path):
+  written = _write_tfds(tmp_path, "cifar10", {"train": 7, "test": 3})
+  ds = data_lib.load_cifar_tfds("cifar10", str(tmp_path), chunk=2)
+  np.testing.assert_array_equal(ds.train_images, written["train"][0])
+
+
+def test_auto_prefers_tfds_and_falls_back_to_the_tarball(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(data_lib, "load_cifar_tfds", lambda *a: calls.append("tfds"))
+  monkeypatch.setattr(data_lib, "load_cifar_tarball", lambda *a: calls.append("tarball"))
+  data_lib.load_dataset(_source_config("cifar10", tmp_path, "auto"))
+  _write_tfds(tmp_path, "cifar10", {"train": 2, "test": 1})
+  data_lib.load_dataset(_source_config("cifar10", tmp_path, "auto"))
+  data_lib.load_dataset(_source_config("cifar10", tmp_path, "tarball"))
+  assert calls == ["tarball", "tfds", "tarball"]
+
+
+def test_missing_tfds_data_says_how_to_prepare_it(tmp_path):
+  with pytest.raises(ConfigError, match=r"no prepared TFDS cifar10 .* tfds build cifar10 "
+                     r"--data_dir=.* --file_format=array_record.*binary tarball"):
+    data_lib.load_dataset(_source_config("cifar10", tmp_path, "tfds"))
+  with pytest.raises(ConfigError, match="no cifar-10-binary.tar.gz .* tfds build cifar10"):
+    data_lib.load_dataset(_source_config("cifar10", tmp_path, "auto"))
+
+
+def test_tfds_tfrecord_copy_asks_for_array_record(tmp_path):
+  import tensorflow_datasets as tfds
+  builder = tfds.builder("cifar10", data_dir=str(tmp_path), file_format="tfrecord")
+  builder.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+      name="train", shard_lengths=[1], num_bytes=0)]))
+  os.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+  with pytest.raises(ConfigError, match="stored as tfrecord.*--file_format=array_record"):
+    data_lib.load_dataset(_source_config("cifar10", tmp_path, "tfds"))
+
+
+def test_tfds_wrong_image_shape_and_labels_out_of_range(tmp_path):
+  _write_tfds(tmp_path / "shape", "cifar10", {"train": 3, "test": 2}, shape=(28, 28, 3))
+  with pytest.raises(ConfigError, match=r"shape \(28, 28, 3\); CIFAR images are \(32, 32, 3\)"):
+    data_lib.load_dataset(_source_config("cifar10", tmp_path / "shape", "tfds"))
+  _write_tfds(tmp_path / "label", "cifar10", {"train": 3, "test": 2}, bad_label=10)
+  with pytest.raises(ConfigError, match=r"TFDS cifar10 \(train\).*labels must be in \[0, 10\)"):
+    data_lib.load_dataset(_source_config("cifar10", tmp_path / "label", "tfds"))
+
+
+def test_invalid_data_source_is_a_config_error():
+  config = config_lib.base_config()
+  config.data.source = "gcs"
+  with pytest.raises(ConfigError, match="data.source='gcs' is not valid; valid choices: auto"):
+    data_lib.validate_data_config(config)
