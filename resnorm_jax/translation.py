@@ -6,12 +6,15 @@ Sources (``data.name``, registry :data:`TRANSLATION_DATASETS`):
   sentence is 3..``toy_max_words`` words ``a0 .. a{V-1}``; its translation is the reversed
   sentence with every word mapped, a_i -> b_{(7i + 3) mod V}.  A Transformer learns it in
   minutes on a CPU (the smoke/benchmark command in README.md).
-* ``iwslt15_envi``: IWSLT'15 English->Vietnamese from the standard plain files in
-  ``data.data_dir`` (``train.en``/``train.vi``; test ``tst2013.*``), read offline.
+* ``iwslt15_envi``: IWSLT'15 English->Vietnamese, test tst2013: the TFDS data set prepared
+  by the builder in :mod:`resnorm_jax.iwslt15` (``<data.data_dir>/iwslt15_envi``), or else
+  the standard plain files in ``data.data_dir`` (``train.{en,vi}``, ``tst2013.{en,vi}``),
+  read offline.  Both paths are tested on generated files.
 * ``wmt14_ende``: WMT'14 English->German from TFDS's prepared ArrayRecord data
   (``wmt14_translate/de-en``) in ``data.data_dir``, read with
   ``tfds.builder_from_directory(...).as_data_source`` (no TensorFlow needed to read;
-  TensorFlow is needed once, to prepare it).  Only the missing-data error is tested here.
+  TensorFlow is needed once, to prepare it).  Tested on a locally prepared stand-in with the
+  same name, config and features (``Translation(de, en)``), not on the real data.
 
 Pipeline: a SentencePiece model (unigram, shared source/target vocabulary of
 ``model.vocab_size`` pieces; pad 0, BOS 1, EOS 2, unk 3 as the Transformer expects) is trained
@@ -96,6 +99,9 @@ IWSLT_FILES = ("train.en", "train.vi", "tst2013.en", "tst2013.vi")
     "iwslt15_envi", "IWSLT'15 English->Vietnamese from the standard files train.{en,vi}, "
     "tst2013.{en,vi} in data.data_dir (test: tst2013)")
 def _iwslt15(arg, config) -> TextCorpus:
+  root = os.path.join(os.path.expanduser(config.data.data_dir or "."), "iwslt15_envi")
+  if _latest_version_dir(root) is not None:   # prepared by resnorm_jax/iwslt15.py's builder
+    return read_tfds_translation(config.data.data_dir or ".", "iwslt15_envi", "en", "vi")
   return read_iwslt15(config.data.data_dir)
 
 
@@ -108,7 +114,8 @@ def read_iwslt15(data_dir: str) -> TextCorpus:
         f"data.name=iwslt15_envi: {', '.join(missing)} missing in data.data_dir="
         f"{directory!r}. Download train.en, train.vi, tst2013.en, tst2013.vi (and tst2012.*) "
         "from https://nlp.stanford.edu/projects/nmt/ into that directory (or set "
-        "--config.data.data_dir=DIR), then rerun")
+        "--config.data.data_dir=DIR; `python -m resnorm_jax.iwslt15 --manual_dir=DIR "
+        "--data_dir=DIR` also prepares them as a TFDS data set), then rerun")
   splits = []
   for split in ("train", "tst2013"):
     src, tgt = (read_lines(os.path.join(directory, f"{split}.{lang}")) for lang in ("en", "vi"))
@@ -156,7 +163,8 @@ def read_tfds_translation(data_dir: str, name: str, source: str, target: str) ->
   decode = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
   splits = []
   for split, data in sources.items():
-    rows = [data[i] for i in range(len(data))]
+    rows = [row for start in range(0, len(data), 10_000)
+            for row in data.__getitems__(list(range(start, min(start + 10_000, len(data)))))]
     splits.append(([decode(r[source]) for r in rows], [decode(r[target]) for r in rows]))
     check_parallel(*splits[-1], f"{version_dir} ({split})")
   return TextCorpus(name, source, target, splits[0], splits[1])

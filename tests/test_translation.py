@@ -211,3 +211,47 @@ def test_translation_configs_and_variants(variant, skip, lam):
     config_lib.validate(c, 8)
     with pytest.raises(ConfigError, match="unknown variant 'rskip_lnx'"):
       module.get_config("rskip_lnx")
+
+
+def test_iwslt_tfds_builder_prepares_offline_and_is_read_as_a_data_source(tmp_path):
+  from resnorm_jax import iwslt15
+  manual = write_iwslt(tmp_path / "manual", train=30, test=6)
+  for lang in ("en", "vi"):  # the builder also wants the validation set, tst2012
+    os.link(os.path.join(manual, f"tst2013.{lang}"), os.path.join(manual, f"tst2012.{lang}"))
+  data_dir = str(tmp_path / "tfds")
+  iwslt15.prepare(manual, data_dir)
+  corpus = translation.load_corpus(tiny_config(data_dir))
+  plain = translation.read_iwslt15(manual)
+  for got, want in ((corpus.train, plain.train), (corpus.test, plain.test)):
+    assert sorted(zip(*got)) == sorted(zip(*want))
+
+
+def test_wmt_reader_on_a_locally_prepared_array_record_stand_in(tmp_path):
+  """The WMT path on a stand-in prepared here: same name, config and features as TFDS's
+  wmt14_translate/de-en (the real data is not available offline)."""
+  import tensorflow_datasets as tfds
+
+  class Wmt14Translate(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+    url_infos = None
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="de-en")]
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.Translation(languages=("de", "en")))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(5), "test": self._generate_examples(3)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"de": f"Satz {i} für {n}", "en": f"sentence {i} of {n}"}
+
+  Wmt14Translate(config="de-en", data_dir=str(tmp_path),
+                 file_format="array_record").download_and_prepare()
+  corpus = translation.load_corpus(tiny_config(**{"data.name": "wmt14_ende",
+                                                  "data.data_dir": str(tmp_path)}))
+  assert (corpus.source_lang, corpus.target_lang) == ("en", "de")
+  assert sorted(zip(*corpus.test)) == [(f"sentence {i} of 3", f"Satz {i} für 3")
+                                       for i in range(3)]
+  assert len(corpus.train[0]) == 5
