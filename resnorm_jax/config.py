@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 37_000     # shared source/target subword vocabulary
   c.model.max_len = 512
   c.model.summary_length = 128    # tokens per side for resnorm-summary's FLOPs
+  c.model.dropout_rate = ml_collections.config_dict.placeholder(float)  # None = the preset's
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"       # see resnorm_jax.data.DATASETS
@@ -89,6 +90,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 500        # 0 = only at the end
   c.eval.batch_size = 500
+
+  # Translation (model.name=transformer): see resnorm_jax/translation.py.  The shared
+  # SentencePiece vocabulary has model.vocab_size pieces.
+  c.translation = ml_collections.ConfigDict()
+  c.translation.max_length = 256    # longest training sentence in pieces (EOS included)
+  c.translation.max_tokens = 4096   # token budget of a global batch: rows x bucket length
+  c.translation.beam_size = 4
+  c.translation.length_penalty = 0.6  # GNMT alpha
+  c.translation.eval_max_sentences = 0  # 0 = the whole test set
+  c.translation.toy_train_size = 20_000
+  c.translation.toy_test_size = 200
+  c.translation.toy_vocab = 40
+  c.translation.toy_max_words = 10
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
@@ -149,12 +163,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
   _choice(t.schedule, SCHEDULES, "train.schedule")
   _choice(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")
-  _choice(config.data.name, data_lib.DATASETS.names(), "data.name")
-  if config.model.name != "cifar_resnet":
-    raise ConfigError(
-        f"resnorm-train trains image classifiers on {', '.join(data_lib.DATASETS.names())}; "
-        f"model.name={config.model.name!r} needs a translation data set, which this version "
-        "does not provide yet (use resnorm-summary to inspect it)")
+  from resnorm_jax import translation
+  _choice(config.data.name, data_lib.DATASETS.names() +
+          translation.TRANSLATION_DATASETS.names(), "data.name")
+  is_text = config.data.name in translation.TRANSLATION_DATASETS.names()
+  if (config.model.name == "transformer") != is_text:
+    needs = ("a translation data set" if config.model.name == "transformer"
+             else "an image data set")
+    valid = (translation.TRANSLATION_DATASETS if config.model.name == "transformer"
+             else data_lib.DATASETS).names()
+    raise ConfigError(f"model.name={config.model.name!r} needs {needs}, not "
+                      f"data.name={config.data.name!r}; valid choices: {', '.join(valid)}")
 
   requested = p.num_devices or num_devices
   if p.num_devices < 0 or requested > num_devices:
@@ -186,4 +205,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError("eval.every_steps and checkpoint.every_steps must be >= 0")
   if config.checkpoint.keep < 1:
     raise ConfigError(f"checkpoint.keep={config.checkpoint.keep} must be >= 1")
-  data_lib.validate_data_config(config)
+  if is_text:
+    validate_translation(config, requested)
+  else:
+    data_lib.validate_data_config(config)
+
+
+def validate_translation(config: ml_collections.ConfigDict, replicas: int) -> None:
+  tr, m = config.translation, config.model
+  for key in ("max_length", "max_tokens", "beam_size", "toy_train_size", "toy_test_size",
+              "toy_vocab", "toy_max_words"):
+    if not isinstance(tr[key], int) or tr[key] < 1:
+      raise ConfigError(f"translation.{key}={tr[key]!r} must be a positive integer")
+  if tr.max_length > m.max_len:
+    raise ConfigError(f"translation.max_length={tr.max_length} exceeds model.max_len="
+                      f"{m.max_len}")
+  if tr.max_tokens < replicas * tr.max_length:
+    raise ConfigError(f"translation.max_tokens={tr.max_tokens} must be >= {replicas} "
+                      f"replicas x translation.max_length={tr.max_length} = "
+                      f"{replicas * tr.max_length}")
+  _positive(tr.length_penalty, "translation.length_penalty", allow_zero=True)
+  _positive(tr.eval_max_sentences, "translation.eval_max_sentences", allow_zero=True)

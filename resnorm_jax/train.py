@@ -121,7 +121,10 @@ def print_summary(summary: dict) -> None:
       f"resnorm-train: {summary['status']} at step {summary['step']}"
       + (f" (resumed from step {summary['start_step']})" if summary["start_step"] else ""),
   ]
-  if ev:
+  if ev and "bleu" in ev:
+    lines.append(f"  test BLEU      {ev['bleu']:.2f}   ({int(ev['sentences'])} sentences, "
+                 f"sacreBLEU; translations in {os.path.join(summary['workdir'], 'translations')})")
+  elif ev:
     lines.append(f"  test accuracy  {ev['accuracy']:.4f}   (error {100 * ev['error']:.2f}%, "
                  f"loss {ev['loss']:.4f})")
   lines += [

@@ -166,6 +166,27 @@ def abstract_state(task: Task) -> TrainState:
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
+def apply_gradients(tx, state: TrainState, grads, loss, batch_stats,
+                    stop_on_nonfinite: bool) -> tuple[TrainState, jax.Array]:
+  """One optimizer update, kept only when the loss and the gradient norm are finite (and no
+  earlier step was non-finite in ``stop`` mode); returns (new state, ‖g‖₂)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  accept = finite & (state.nonfinite_step < 0)
+  keep = lambda new, old: jax.tree_util.tree_map(
+      lambda a, b: jnp.where(accept, a, b), new, old)
+  first_bad = (~finite) & (state.nonfinite_step < 0) & stop_on_nonfinite
+  new_state = TrainState(
+      step=state.step + 1, params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  return new_state, grad_norm
+
+
 def make_train_step(task: Task) -> Callable:
   """``train_step(state, images, labels, indices) -> (state, metrics)``.
 
@@ -205,20 +226,9 @@ def make_train_step(task: Task) -> Callable:
       accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
       if axis_name is not None:
         grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
-      updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      grad_norm = optax.global_norm(grads)
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      accept = finite & (state.nonfinite_step < 0)
-      keep = lambda new, old: jax.tree_util.tree_map(
-          lambda a, b: jnp.where(accept, a, b), new, old)
-      first_bad = (~finite) & (state.nonfinite_step < 0) & stop_on_nonfinite
-      new_state = TrainState(
-          step=state.step + 1, params=keep(params, state.params),
-          batch_stats=keep(new_vars.get("batch_stats", {}), state.batch_stats),
-          opt_state=keep(opt_state, state.opt_state),
-          nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
-          skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+      new_state, grad_norm = apply_gradients(task.tx, state, grads, loss,
+                                             new_vars.get("batch_stats", {}),
+                                             stop_on_nonfinite)
       metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
                      learning_rate=task.schedule(state.step))
       return new_state, metrics
@@ -284,40 +294,85 @@ def _is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+class ImageJob:
+  """The image-classification task of the loop: data on the devices, index batches."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh):
+    self.config, self.mesh = config, mesh
+    self.dataset = data_lib.load_dataset(config)         # a data error writes nothing
+    data_lib.steps_per_epoch(len(self.dataset.train_labels), config.train.batch_size)
+    self.task = build_task(config, self.dataset, mesh)
+
+  def setup(self, workdir: str) -> None:
+    del workdir
+    replicated = parallelism.replicated(self.mesh)
+    # Every process loads the (small) uint8 data set and keeps it on its devices; each
+    # step's global batch is assembled from the per-process slices of its index array.
+    self.arrays = [parallelism.host_to_global(a, replicated) for a in (
+        self.dataset.train_images, self.dataset.train_labels, self.dataset.test_images,
+        self.dataset.test_labels)]
+    self.sharded = parallelism.batch_sharded(self.mesh)
+    self.train_step, self.eval_step = make_train_step(self.task), make_eval_step(self.task)
+
+  def abstract_state(self) -> TrainState:
+    return abstract_state(self.task)
+
+  def init_state(self) -> TrainState:
+    return init_state(self.task)
+
+  def step(self, state: TrainState, step: int):
+    t = self.config.train
+    idx = data_lib.batch_indices(t.seed, step, len(self.dataset.train_labels), t.batch_size)
+    return self.train_step(state, *self.arrays[:2],
+                           parallelism.host_to_global(idx, self.sharded))
+
+  def throughput(self, summary: dict, steps_per_sec: float) -> dict:
+    return {"examples_per_sec": steps_per_sec * self.config.train.batch_size}
+
+  def evaluate(self, state: TrainState, step: int) -> dict:
+    return evaluate(self.task, self.eval_step, state, *self.arrays[2:])
+
+  @staticmethod
+  def describe(ev: dict) -> str:
+    return f"eval accuracy {ev['accuracy']:.4f} loss {ev['loss']:.4f}"
+
+
+def make_job(config: ml_collections.ConfigDict, mesh):
+  """The task of ``config``: :class:`ImageJob`, or the translation task for Transformers."""
+  if config.model.name == "transformer":
+    from resnorm_jax import translation_training
+    return translation_training.TranslationJob(config, mesh)
+  return ImageJob(config, mesh)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains and evaluates ``config`` in ``workdir``; resumes from its newest checkpoint."""
+  """Trains and evaluates ``config`` in ``workdir``; resumes from its newest checkpoint.
+
+  The loop (checkpointing, metrics, preemption, non-finite handling) is shared by every task;
+  a task (:class:`ImageJob`, ``translation_training.TranslationJob``) supplies the state,
+  the step at a given step number and the evaluation.
+  """
   t0 = time.perf_counter()
   config_lib.validate(config, jax.device_count())
-  dataset = data_lib.load_dataset(config)              # a data error writes nothing
-  data_lib.steps_per_epoch(len(dataset.train_labels), config.train.batch_size)
+  mesh = parallelism.make_mesh(config.parallel.num_devices)
+  job = make_job(config, mesh)                          # a data error writes nothing
   config_dict = config.to_dict()
   if os.path.isdir(workdir):
     checkpointing.check_config_compatible(workdir, config_dict)
-  mesh = parallelism.make_mesh(config.parallel.num_devices)
-  task = build_task(config, dataset, mesh)
 
   os.makedirs(workdir, exist_ok=True)
   checkpointing.save_config_json(workdir, config_dict)
+  job.setup(workdir)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps)
-  restored = ckpt.restore(abstract_state(task))
+  restored = ckpt.restore(job.abstract_state())
   if restored is None:
-    state = init_state(task)
+    state = job.init_state()
   else:
     state = restored[1]
     logging.info("resumed from the checkpoint of step %d in %s", restored[0], workdir)
   start_step = int(parallelism.to_host(state.step))
-
-  replicated = parallelism.replicated(mesh)
-  sharded = parallelism.batch_sharded(mesh)
-  # Every process loads the (small) uint8 data set and keeps it on its devices; each step's
-  # global batch is assembled from the per-process slices of its index array.
-  train_images, train_labels, test_images, test_labels = (
-      parallelism.host_to_global(a, replicated) for a in (
-          dataset.train_images, dataset.train_labels, dataset.test_images,
-          dataset.test_labels))
-  train_step, eval_step = make_train_step(task), make_eval_step(task)
 
   t = config.train
   writer = MetricWriter(workdir, enabled=_is_main_process())
@@ -329,10 +384,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def run_eval(step):
     nonlocal last_eval
-    last_eval = evaluate(task, eval_step, state, test_images, test_labels)
+    last_eval = job.evaluate(state, step)
     writer.write(step, "eval", last_eval)
-    progress.write(f"step {step}: eval accuracy {last_eval['accuracy']:.4f} "
-                   f"loss {last_eval['loss']:.4f}")
+    progress.write(f"step {step}: {job.describe(last_eval)}")
 
   def check_finite(step):
     bad = int(parallelism.to_host(state.nonfinite_step))
@@ -349,9 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step = start_step
       tick = time.perf_counter()
       while step < t.steps:
-        idx = data_lib.batch_indices(t.seed, step, len(dataset.train_labels), t.batch_size)
-        state, metrics = train_step(state, train_images, train_labels,
-                                    parallelism.host_to_global(idx, sharded))
+        state, metrics = job.step(state, step)
         history.append(metrics)
         step += 1
         if step % t.log_every_steps == 0 or step == t.steps:
@@ -360,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           elapsed = time.perf_counter() - tick
           train_time += elapsed
           summary["steps_per_sec"] = len(history) / elapsed
-          summary["examples_per_sec"] = summary["steps_per_sec"] * t.batch_size
+          summary.update(job.throughput(summary, summary["steps_per_sec"]))
           writer.write(step, "train", summary)
           progress.update(step, loss=f"{summary['loss']:.3f}")
           history, tick = [], time.perf_counter()

@@ -42,7 +42,8 @@ def _transformer(arg, config, norm_ctx: NormContext, num_classes: int = 0):
 def transformer_config(config, norm_ctx: NormContext):
   from resnorm_jax.models.transformer import transformer_preset
   m = config.model
-  return transformer_preset(m.preset, m.vocab_size, max_len=m.max_len, skip=m.skip,
+  extra = {} if m.get("dropout_rate") is None else {"dropout_rate": m.dropout_rate}
+  return transformer_preset(m.preset, m.vocab_size, max_len=m.max_len, skip=m.skip, **extra,
                             skip_lambda=m.skip_lambda, norm=m.norm, norm_ctx=norm_ctx,
                             dtype=compute_dtype(config))
 
