@@ -1,0 +1,45 @@
+"""Diagnostics of why normalization and skip connections must be combined (SPEC.md 5).
+
+Three analyses, each a module with ``default_config()``, ``validate(config)``,
+``run(config, log) -> results`` and ``table(results)``, run by ``resnorm-analyze``
+(:mod:`resnorm_jax.analysis.cli`) from a config file in ``configs/``:
+
+* ``moments`` (:mod:`~resnorm_jax.analysis.moments`): Labatie (2019) — normalized
+  sensitivity χ, effective rank of signal and noise, kurtosis, through random conv stacks
+  built from the training code's ConvUnit, with ``jax.jvp`` carrying the perturbation;
+* ``shattering`` (:mod:`~resnorm_jax.analysis.shattering`): Balduzzi et al. (2017) —
+  correlation of neighbouring input gradients of deep MLPs vs depth;
+* ``grad_scale`` (:mod:`~resnorm_jax.analysis.grad_scale`): He et al. (2016) eq. 5-8 and
+  Liu et al. (2020) — per-unit gradient norms through xskip / xskip_ln; Xiong et al. (2020)
+  — Post-LN vs Pre-LN Transformer per-layer gradient norms at initialization.
+
+Statistics and fits are in :mod:`~resnorm_jax.analysis.stats`, figures in
+:mod:`~resnorm_jax.analysis.plots`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from resnorm_jax.layers.registry import Registry
+
+ANALYSES = Registry("analysis")
+
+for _name, _doc in (
+    ("moments", "χ, r_eff and kurtosis of signal and noise vs depth (Labatie 2019)"),
+    ("shattering", "correlation of neighbouring input gradients vs depth (Balduzzi 2017)"),
+    ("grad_scale", "per-layer gradient norms at init: xskip λ, xskip_ln, Post/Pre-LN"),
+):
+  ANALYSES.register(_name, _doc)(
+      lambda arg, _n=_name: importlib.import_module(f"resnorm_jax.analysis.{_n}"))
+
+
+def load(name: str):
+  """The module of analysis ``name`` (ConfigError listing the valid names otherwise)."""
+  return ANALYSES.build(name)
+
+
+def run():
+  """Entry point of the ``resnorm-analyze`` console script."""
+  from resnorm_jax.analysis.cli import run as cli_run
+  cli_run()

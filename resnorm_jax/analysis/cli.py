@@ -1,0 +1,145 @@
+"""``resnorm-analyze``: run a diagnostic analysis from a config file.
+
+    resnorm-analyze --config=configs/moments.py:bn_res --workdir=runs/bn_res
+    resnorm-analyze --config=configs/shattering.py --config.draws=50
+    resnorm-analyze --config=configs/grad_scale.py:paper
+
+Writes ``results.json`` (settings, per-layer arrays with their layer indices, fitted rates)
+and PNG figures into the workdir, and prints a summary table.  Exit codes: 0 done, 2
+invalid flags or config (one line on stderr; nothing written).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.train import PACKAGE_ROOT, describe_error
+
+PROG = "resnorm-analyze"
+DEFAULT_CONFIG = os.path.join(PACKAGE_ROOT, "configs", "moments.py")
+EXIT_USAGE = 2
+ANALYSIS_CONFIGS = "configs/moments.py, configs/shattering.py or configs/grad_scale.py"
+
+_FLAGS = {}
+
+
+def define_flags():
+  """--config (an analysis config file, optionally ':variant') and --workdir."""
+  if _FLAGS:
+    return
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG, "Analysis config file, optionally with a ':variant' argument.",
+      lock_config=True)
+  _FLAGS["workdir"] = flags.DEFINE_string(
+      "workdir", None, "Output directory (default: runs/<config name>[_<variant>]).")
+
+
+def fail(message: str, code: int = EXIT_USAGE):
+  print(f"{PROG}: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv):
+  """absl parsing, then the config file and its overrides, with one-line errors (exit 2)."""
+  try:
+    rest = flags.FLAGS(argv)
+    _FLAGS["config"].value.to_dict()
+    return rest
+  except Exception as e:  # pylint: disable=broad-except  (any bad flag: one line, no trace)
+    fail(describe_error(e))
+
+
+def config_name() -> str:
+  path = getattr(flags.FLAGS["config"], "config_filename", "") or DEFAULT_CONFIG
+  name, _, variant = os.path.basename(path).partition(":")
+  name = os.path.splitext(name)[0]
+  return name + (f"_{variant.replace(',', '_').replace('/', '-')}" if variant else "")
+
+
+def json_safe(value):
+  """NaN / inf -> None (strict JSON), numpy scalars -> Python numbers, recursively."""
+  if isinstance(value, dict):
+    return {str(k): json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def write_json(path: str, payload: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(json_safe(payload), f, indent=1, allow_nan=False)
+  os.replace(tmp, path)
+
+
+def log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def figures(name: str, results: dict, workdir: str, title: str) -> list[str]:
+  from resnorm_jax.analysis import plots
+  return {"moments": plots.moments_figures, "shattering": plots.shattering_figures,
+          "grad_scale": plots.grad_scale_figures}[name](results, workdir, title)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; use --config.<key>=<value> for overrides")
+  config = _FLAGS["config"].value
+  if "analysis" not in config:
+    fail(f"--config is not an analysis config (it has no 'analysis' key); use "
+         f"{ANALYSIS_CONFIGS}")
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  from resnorm_jax import analysis
+  from resnorm_jax.analysis import common
+  try:
+    module = analysis.load(config.analysis)
+    module.validate(config)
+  except ConfigError as e:
+    fail(str(e))
+  workdir = _FLAGS["workdir"].value or os.path.join("runs", config_name())
+  os.makedirs(workdir, exist_ok=True)
+  device = jax.devices()[0]
+  log(f"{PROG}: {config.analysis} on {device.platform} ({device.device_kind}) -> {workdir}")
+  start = time.time()
+  results = module.run(config, log=log)
+  payload = {"analysis": config.analysis, "config": config_name(),
+             "settings": config.to_dict(),
+             "environment": {"jax": jax.__version__, "platform": device.platform,
+                             "device": device.device_kind, "prng": common.PRNG_IMPL,
+                             "draw_batch": common.resolve_draw_batch(config.draw_batch)},
+             "seconds": time.time() - start, **results}
+  path = os.path.join(workdir, "results.json")
+  write_json(path, payload)
+  title = f"{config.analysis} ({config_name()}, {config.draws} draws)"
+  pngs = figures(config.analysis, results, workdir, title)
+  print(module.table(results))
+  print(f"\n{PROG}: {config.analysis} done in {time.time() - start:.1f} s")
+  print(f"  results  {path}")
+  for png in pngs:
+    print(f"  figure   {png}")
+
+
+def run():
+  try:
+    define_flags()
+  except Exception as e:  # pylint: disable=broad-except
+    fail(describe_error(e))
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,154 @@
+"""Figures of the analyses (matplotlib, Agg backend): one line per variant, the band
+between the 10th and 90th percentiles over draws."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _band(ax, x, agg, label, color, *, transform=lambda v: v, **kw):
+  mean = transform(np.asarray(agg["mean"]))
+  ax.plot(x, mean, label=label, color=color, lw=1.8, **kw)
+  if "p10" in agg and len(x) > 1:
+    ax.fill_between(x, transform(np.asarray(agg["p10"])), transform(np.asarray(agg["p90"])),
+                    color=color, alpha=0.15, lw=0)
+
+
+def _colors(n):
+  plt = _pyplot()
+  cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+  return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _save(fig, workdir, name):
+  path = os.path.join(workdir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  _pyplot().close(fig)
+  return path
+
+
+def moments_figures(results: dict, workdir: str, title: str = "") -> list[str]:
+  """moments_chi.png (χ vs depth, linear and log depth), moments_reff.png (r_eff of signal
+  and noise), moments_kurtosis.png."""
+  plt = _pyplot()
+  variants = results["variants"]
+  colors = _colors(len(variants))
+  paths = []
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for (name, r), color in zip(variants.items(), colors):
+    layer = np.asarray(r["layer"], float)
+    fit = r["fits"]["log_chi"]
+    label = (f"{name} (×{fit['exponential']['factor']:.3f}/layer, "
+             f"l^{fit['power']['exponent']:.2f})")
+    _band(axes[0], layer, r["log_chi"], label, color)
+    keep = layer > 0
+    _band(axes[1], layer[keep], {k: np.asarray(v)[keep] for k, v in r["log_chi"].items()},
+          name, color)
+  axes[0].set(xlabel="depth l (conv layers)", ylabel="log χ^l",
+              title="log χ vs l  (exponential growth: a straight line)")
+  axes[1].set(xlabel="depth l (conv layers, log scale)", ylabel="log χ^l", xscale="log",
+              title="log χ vs log l  (power law: a straight line)")
+  axes[0].legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  paths.append(_save(fig, workdir, "moments_chi.png"))
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for (name, r), color in zip(variants.items(), colors):
+    layer = np.asarray(r["layer"], float)
+    _band(axes[0], layer, r["reff_signal"], name, color)
+    _band(axes[1], layer, r["reff_noise"], name, color)
+  for ax, what in zip(axes, ("signal x", "noise dx")):
+    ax.set(xlabel="depth l (conv layers)", ylabel="r_eff = tr C / λ_max", yscale="log",
+           title=f"effective rank of the {what}")
+    ax.axhline(1.0, color="k", lw=0.6, ls="--")
+  axes[0].legend(fontsize=8)
+  paths.append(_save(fig, workdir, "moments_reff.png"))
+
+  fig, ax = plt.subplots(figsize=(5.5, 4.2))
+  for (name, r), color in zip(variants.items(), colors):
+    _band(ax, np.asarray(r["layer"], float), r["kurtosis"], name, color)
+  ax.axhline(3.0, color="k", lw=0.6, ls="--")
+  ax.set(xlabel="depth l (conv layers)", ylabel="channel kurtosis μ4/μ2²", yscale="log",
+         title="kurtosis of the unit outputs (3 = Gaussian)")
+  ax.legend(fontsize=8)
+  paths.append(_save(fig, workdir, "moments_kurtosis.png"))
+  return paths
+
+
+def shattering_figures(results: dict, workdir: str, title: str = "") -> list[str]:
+  """shattering_corr.png (ρ vs depth) and shattering_gradients.png (g(x) of one draw)."""
+  plt = _pyplot()
+  variants = results["variants"]
+  colors = _colors(len(variants))
+  paths = []
+  fig, ax = plt.subplots(figsize=(6, 4.4))
+  for (name, r), color in zip(variants.items(), colors):
+    fit = r["fits"]["corr"]
+    label = (f"{name} (exp {fit['exponential']['rate']:.3f}/layer, "
+             f"pow {fit['power']['exponent']:.2f}; {fit['better']})")
+    _band(ax, np.asarray(r["depth"], float), r["corr"], label, color, marker="o", ms=3)
+  ax.set(xlabel="depth L (log scale)", ylabel="lag-1 correlation of ∂f/∂x", xscale="log",
+         title=title or "shattered gradients: correlation of neighbouring gradients")
+  ax.axhline(0.0, color="k", lw=0.6, ls="--")
+  ax.legend(fontsize=7)
+  paths.append(_save(fig, workdir, "shattering_corr.png"))
+
+  grid = np.asarray(results["grid"])
+  fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 3.2),
+                           squeeze=False)
+  for ax, (name, r) in zip(axes[0], variants.items()):
+    examples = r["example_gradients"]
+    for depth in (min(examples, key=int), max(examples, key=int)):
+      g = np.asarray(examples[depth])
+      ax.plot(grid, g / (np.std(g) + 1e-30), lw=0.8, label=f"L={depth}")
+    ax.set(title=name, xlabel="input x", ylabel="∂f/∂x (standardized)")
+    ax.legend(fontsize=7)
+  paths.append(_save(fig, workdir, "shattering_gradients.png"))
+  return paths
+
+
+def grad_scale_figures(results: dict, workdir: str, title: str = "") -> list[str]:
+  """grad_scale_conv.png and grad_scale_transformer.png."""
+  plt = _pyplot()
+  paths = []
+  if results["conv"]:
+    conv = results["conv"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (spec, r), color in zip(conv.items(), _colors(len(conv))):
+      unit = np.asarray(r["unit"], float)
+      label = f"{spec} (×{r['growth_per_unit']:.2f}/unit)"
+      _band(axes[0], unit, r["grad_x_rel"], label, color)
+      _band(axes[1], unit[:-1], r["grad_w"], spec, color)
+    axes[0].set(xlabel="unit l (0 = input)", ylabel="|∂L/∂x_l| / |∂L/∂x_L|", yscale="log",
+                title="gradient reaching unit l")
+    axes[1].set(xlabel="unit l", ylabel="|∂L/∂θ_l|", yscale="log",
+                title="parameter gradient per unit")
+    axes[0].legend(fontsize=7)
+    if title:
+      fig.suptitle(title, fontsize=9)
+    paths.append(_save(fig, workdir, "grad_scale_conv.png"))
+  if results["transformer"]:
+    tf = results["transformer"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (spec, r), color in zip(tf.items(), _colors(len(tf))):
+      layer = np.asarray(r["layer"], float)
+      for ax, stack in zip(axes, ("encoder", "decoder")):
+        _band(ax, layer, r[stack]["ffn_w2"], spec, color, marker="o", ms=3)
+    for ax, stack in zip(axes, ("encoder", "decoder")):
+      ax.set(xlabel="layer", ylabel="|∂L/∂W₂| (FFN)", yscale="log",
+             title=f"Transformer {stack} at initialization")
+      ax.legend(fontsize=8)
+    paths.append(_save(fig, workdir, "grad_scale_transformer.png"))
+  return paths
