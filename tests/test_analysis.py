@@ -188,14 +188,16 @@ def test_signal_rescaling_only_for_homogeneous_units_and_exact_there():
 
 @pytest.fixture(scope="module")
 def archetypes():
-  config = moments_config(width=16, spatial=4, batch=16, ff_units=8, res_units=8, draws=2,
+  # Robust: the margins below held for seeds 0-5 at this size (smallest ratios 1.98 for
+  # log χ, 1.44 for r_eff).
+  config = moments_config(width=16, spatial=4, batch=16, ff_units=12, res_units=12, draws=2,
                           fit_start=2)
   return moments.run(config, log=lambda s: None)["variants"]
 
 
 def test_archetypes_qualitative_ordering(archetypes):
   final = {n: r["final"] for n, r in archetypes.items()}
-  assert all(r["final"]["layer"] == 16 for r in archetypes.values())
+  assert all(r["final"]["layer"] == 24 for r in archetypes.values())
   # Norm without skip: χ grows exponentially (~0.15 per layer, ×1.17), far above the rest.
   assert archetypes["bn_ff"]["fits"]["log_chi"]["exponential"]["rate"] > 0.1
   for name in ("vanilla_ff", "vanilla_res", "bn_res"):
@@ -209,9 +211,9 @@ def test_archetypes_qualitative_ordering(archetypes):
 
 def test_moments_results_layout(archetypes):
   r = archetypes["bn_res"]
-  assert r["unit"] == list(range(9)) and r["layer"] == list(range(0, 17, 2))
+  assert r["unit"] == list(range(13)) and r["layer"] == list(range(0, 25, 2))
   for stat in moments.STATS:
-    assert set(r[stat]) == {"mean", "p10", "p90"} and len(r[stat]["mean"]) == 9
+    assert set(r[stat]) == {"mean", "p10", "p90"} and len(r[stat]["mean"]) == 13
   assert r["log_chi"]["mean"][0] == 0.0
   assert r["fits"]["log_chi"]["better"] in ("exponential", "power")
   assert "bn_res" in moments.table({"variants": archetypes})
@@ -283,12 +285,13 @@ def _with(config, **overrides):
 # ----------------------------------------------------------------------------------------
 # Gradient scale.
 # ----------------------------------------------------------------------------------------
-def test_grad_scale_xskip_explodes_and_xskip_ln_stays_bounded():
+def test_grad_scale_xskip_explodes_and_xskip_ln_stays_bounded(tmp_path):
   c = grad_scale.default_config()
   c.draws = 2
   c.conv.update(dict(variants="xskip:2,xskip_ln:2", units=6, width=8, spatial=4, batch=4))
   c.transformer.variants = ""
-  out = grad_scale.run(c, log=lambda s: None)["conv"]
+  results = grad_scale.run(c, log=lambda s: None)
+  out = results["conv"]
   grow = out["xskip:2"]
   # ~2^depth: the shortcut's λ = 2 per unit (plus the variance-preserving branch:
   # sqrt(λ² + 1) = 2.24).
@@ -298,6 +301,10 @@ def test_grad_scale_xskip_explodes_and_xskip_ln_stays_bounded():
   flat = out["xskip_ln:2"]
   assert flat["he_prediction"] == 1.0 and flat["max_over_min"] < 2.0, flat["max_over_min"]
   assert 0.8 < flat["growth_per_unit"] < 1.25
+  assert "xskip_ln:2" in grad_scale.table(results)
+  from resnorm_jax.analysis import plots
+  [png] = plots.grad_scale_figures(results, str(tmp_path))
+  assert png.endswith("grad_scale_conv.png") and os.path.getsize(png) > 10_000
 
 
 def test_grad_scale_post_ln_vs_pre_ln_transformer(tmp_path):
@@ -347,7 +354,7 @@ def analyze(*flags, workdir=None):
 
 
 def test_cli_moments_writes_results_plots_and_table(tmp_path):
-  proc = analyze("--config=configs/moments.py:tiny", "--config.variants=bn_ff,bn_res",
+  proc = analyze("--config=configs/moments.py:tiny", "--config.variants=bn_res",
                  "--config.draws=1", workdir=tmp_path)
   assert proc.returncode == 0, proc.stderr
   results = json.load(open(tmp_path / "results.json"))
@@ -361,12 +368,10 @@ def test_cli_moments_writes_results_plots_and_table(tmp_path):
 
 
 @pytest.mark.parametrize("flags,files", [
-    (["--config=configs/shattering.py:tiny,plain_bn", "--config.depths=1,3"],
+    (["--config=configs/shattering.py:tiny,plain_bn", "--config.depths=1,2"],
      ["shattering_corr.png", "shattering_gradients.png"]),
-    (["--config=configs/grad_scale.py:tiny,conv", "--config.conv.variants=xskip:2,xskip_ln:2"],
-     ["grad_scale_conv.png"]),
 ])
-def test_cli_shattering_and_grad_scale(tmp_path, flags, files):
+def test_cli_shattering(tmp_path, flags, files):
   proc = analyze(*flags, "--config.draws=2", workdir=tmp_path)
   assert proc.returncode == 0, proc.stderr
   assert json.load(open(tmp_path / "results.json"))["seconds"] > 0
