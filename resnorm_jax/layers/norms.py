@@ -213,6 +213,23 @@ def batch_moments(x: Array, mask: Array | None, ctx: NormContext):
   return (mean, var), running
 
 
+def _batch_statistics(module: nn.Module, x: Array, mask, ctx: NormContext, train: bool):
+  """BatchNorm's (mean, var): synced batch statistics in training, which also update the
+  running averages ``r <- momentum·r + (1 − momentum)·stat`` (not during init); the running
+  averages in evaluation."""
+  c = x.shape[-1]
+  ra_mean = module.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+  ra_var = module.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+  if not train:
+    return ra_mean.value, ra_var.value
+  (mean, var), (run_mean, run_var) = batch_moments(x, mask, ctx)
+  if not module.is_initializing():
+    m = ctx.momentum
+    ra_mean.value = m * ra_mean.value + (1 - m) * run_mean
+    ra_var.value = m * ra_var.value + (1 - m) * run_var
+  return mean, var
+
+
 def _affine(module: nn.Module, y: Array, features: int, use_scale: bool, use_bias: bool,
             scale_init: Callable) -> Array:
   if use_scale:
@@ -243,16 +260,7 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False, mask=None):
     c = x.shape[-1]
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    if train:
-      (mean, var), (run_mean, run_var) = batch_moments(x, mask, self.ctx)
-      if not self.is_initializing():
-        m = self.ctx.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * run_mean
-        ra_var.value = m * ra_var.value + (1 - m) * run_var
-    else:
-      mean, var = ra_mean.value, ra_var.value
+    mean, var = _batch_statistics(self, x, mask, self.ctx, train)
     y = _normalize(x, mean, var, self.ctx.epsilon)
     y = _affine(self, y, c, self.use_scale, self.use_bias, self.scale_init)
     return y.astype(x.dtype)
@@ -321,16 +329,7 @@ class SwitchableNorm(nn.Module):
     _require_spatial_axes("switchable", x)
     mean_in, var_in = moments(x, spatial_axes(x), mask)
     mean_ln, var_ln = moments(x, sample_axes(x), mask if x.ndim == 4 else None)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    if train:
-      (mean_bn, var_bn), (run_mean, run_var) = batch_moments(x, mask, self.ctx)
-      if not self.is_initializing():
-        m = self.ctx.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * run_mean
-        ra_var.value = m * ra_var.value + (1 - m) * run_var
-    else:
-      mean_bn, var_bn = ra_mean.value, ra_var.value
+    mean_bn, var_bn = _batch_statistics(self, x, mask, self.ctx, train)
     w_mean = jax.nn.softmax(self.param("mean_weight", nn.initializers.ones, (3,), jnp.float32))
     w_var = jax.nn.softmax(self.param("var_weight", nn.initializers.ones, (3,), jnp.float32))
     mean = w_mean[0] * mean_in + w_mean[1] * mean_ln + w_mean[2] * mean_bn
