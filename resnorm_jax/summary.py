@@ -129,13 +129,8 @@ def main(argv):
 
 
 def run():
-  from absl import app
   from resnorm_jax import train as train_cli
-  try:
-    train_cli.define_flags()
-  except Exception as e:  # pylint: disable=broad-except
-    train_cli.fail(train_cli.describe_error(e))
-  app.run(main, flags_parser=train_cli.parse_flags)
+  train_cli.run_command("resnorm-summary", train_cli.define_flags, main, train_cli.parse_flags)
 
 
 if __name__ == "__main__":

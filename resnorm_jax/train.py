@@ -58,8 +58,11 @@ def define_flags():
       "the others stop with an error.")
 
 
+_PROG = ["resnorm-train"]  # the running command's name, set by run_command
+
+
 def fail(message: str, code: int = EXIT_USAGE):
-  print(f"resnorm-train: error: {message}", file=sys.stderr)
+  print(f"{_PROG[0]}: error: {message}", file=sys.stderr)
   sys.exit(code)
 
 
@@ -173,12 +176,19 @@ def main(argv):
     sys.exit(EXIT_PREEMPTED)
 
 
-def run():
+def run_command(prog: str, define, main_fn, flags_parser) -> None:
+  """Runs a console command: defines its flags (config_flags reads the command line while
+  defining, so errors there are one line too) and runs ``main_fn`` under absl."""
+  _PROG[0] = prog
   try:
-    define_flags()
+    define()
   except Exception as e:  # pylint: disable=broad-except
     fail(describe_error(e))
-  app.run(main, flags_parser=parse_flags)
+  app.run(main_fn, flags_parser=flags_parser)
+
+
+def run():
+  run_command("resnorm-train", define_flags, main, parse_flags)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from resnorm_jax.layers.registry import ConfigError
-from resnorm_jax.train import PACKAGE_ROOT, describe_error
+from resnorm_jax.train import PACKAGE_ROOT, describe_error, run_command
 
 PROG = "resnorm-analyze"
 DEFAULT_CONFIG = os.path.join(PACKAGE_ROOT, "configs", "moments.py")
@@ -134,11 +134,7 @@ def main(argv):
 
 
 def run():
-  try:
-    define_flags()
-  except Exception as e:  # pylint: disable=broad-except
-    fail(describe_error(e))
-  app.run(main, flags_parser=parse_flags)
+  run_command(PROG, define_flags, main, parse_flags)
 
 
 if __name__ == "__main__":
