@@ -534,3 +534,40 @@ def test_layer_norm_of_ln_combinators_can_be_replaced(spec, field):
   assert getattr(make_combinator(spec, layer_norm="rms"), field) == "rms"
   # BatchNorm variants keep their BatchNorm.
   assert make_combinator("rskip_bn:2", layer_norm="rms").post_norm == "batch"
+
+
+# ----------------------------------------------------------------------------------------
+# Residual-stream gradient materialization.
+# ----------------------------------------------------------------------------------------
+def test_materialize_grad_is_the_identity_in_value_and_gradient():
+  from resnorm_jax.layers.residual import materialize_grad
+  x = jnp.array([[1.0, -2.0], [jnp.nan, jnp.inf]])
+  f = lambda x: jnp.sum(jnp.where(jnp.isfinite(x), materialize_grad(x * 3.0) ** 2, 0.0))
+  g_ref = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isfinite(x), (x * 3.0) ** 2, 0.0)))(x)
+  np.testing.assert_array_equal(jax.jit(materialize_grad)(x), x)
+  np.testing.assert_array_equal(jax.jit(jax.grad(f))(x), g_ref)
+
+
+def test_unit_gradients_are_materialized_once_per_unit_on_cpu():
+  """The compiled CPU backward pass of a residual stack keeps one buffer per unit for the
+  stream's gradient (a conditional each) instead of re-fusing the running sum into every
+  consumer (see materialize_grad)."""
+  units = 3
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(units):
+        x = ConvUnit(4, name=f"unit{i}")(x, train=True)
+      return x
+
+  x = jnp.ones((2, 4, 4, 4))
+  model = Stack()
+  variables = model.init(jax.random.key(0), x)
+  loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x,
+                                       mutable=["batch_stats"])[0] ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+  if jax.default_backend() == "cpu":
+    assert hlo.count("conditional(") == units
+  else:
+    assert "conditional(" not in hlo

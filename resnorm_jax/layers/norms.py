@@ -30,6 +30,7 @@ over groups of each group's batch statistics, identical on every replica.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -230,17 +231,106 @@ def _batch_statistics(module: nn.Module, x: Array, mask, ctx: NormContext, train
   return mean, var
 
 
+def _affine_params(module: nn.Module, features: int, use_scale: bool, use_bias: bool,
+                   scale_init: Callable):
+  """The per-channel (γ, β) parameters of a norm, ``None`` where not used."""
+  scale = module.param("scale", scale_init, (features,), jnp.float32) if use_scale else None
+  bias = (module.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+          if use_bias else None)
+  return scale, bias
+
+
 def _affine(module: nn.Module, y: Array, features: int, use_scale: bool, use_bias: bool,
             scale_init: Callable) -> Array:
-  if use_scale:
-    y = y * module.param("scale", scale_init, (features,), jnp.float32)
-  if use_bias:
-    y = y + module.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+  scale, bias = _affine_params(module, features, use_scale, use_bias, scale_init)
+  return _scale_shift(y, scale, bias)
+
+
+def _scale_shift(y, scale, bias):
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
   return y
 
 
 def _normalize(x, mean, var, eps):
   return (x.astype(jnp.float32) - mean) * lax.rsqrt(var + eps)
+
+
+def _sum_to_shape(a: Array, shape: tuple[int, ...]) -> Array:
+  """Sums ``a`` over the axes where ``shape`` broadcasts (size 1), keeping dims."""
+  axes = tuple(i for i, (n, m) in enumerate(zip(a.shape, shape)) if m == 1 and n != 1)
+  return jnp.sum(a, axes, keepdims=True) if axes else a
+
+
+def normalize_affine(x, mean, var, scale, bias, eps: float):
+  """y = γ (x − μ) / sqrt(σ² + ε) + β in float32, for statistics of any broadcast shape.
+
+  With per-channel statistics (BatchNorm in every sync mode, InstanceNorm, SwitchableNorm:
+  ``mean.shape[-1] == C``) the backward pass is written by hand: with g = γ·∂L/∂y and
+  x̂ = (x − μ)·r, r = (σ² + ε)^(-1/2), reduced over the statistics' broadcast axes,
+
+    ∂L/∂x|_(μ,σ²) = g·r,  ∂L/∂μ = −r·Σg,  ∂L/∂σ² = −½ r²·Σ g x̂,
+    ∂L/∂β = Σ ∂L/∂y,  ∂L/∂γ = Σ ∂L/∂y·x̂,
+
+  so two full-size reductions (Σ∂L/∂y and Σ∂L/∂y·x̂; the others are per-channel rescalings
+  of them) instead of the four that automatic differentiation emits.  The gradients through
+  μ and σ² continue into however they were computed (sums, psum across replicas, ghost
+  groups, masks) by ordinary autodiff, so one definition serves every sync mode.
+  """
+  if mean.shape[-1] != x.shape[-1] or var.shape != mean.shape:
+    return _scale_shift(_normalize(x, mean, var, eps), scale, bias)
+  mean, var, scale, bias = (_varying_like(x, a) for a in (mean, var, scale, bias))
+  return _normalize_affine_per_channel(x, mean, var, scale, bias, eps)
+
+
+def _varying_like(x, a):
+  """Inside ``shard_map`` with varying-axis tracking, marks the replicated ``a`` (synced
+  statistics, parameters) as varying like ``x``, so the hand-written backward pass may return
+  per-device cotangents; the cast's own transpose then sums them over devices."""
+  if a is None:
+    return None
+  missing = tuple(sorted(_varying_axes(x) - _varying_axes(a)))
+  return lax.pcast(a, missing, to="varying") if missing else a
+
+
+def _varying_axes(v) -> set:
+  """The manual mesh axes ``v`` varies over (jax 0.10: ``manual_axis_type.varying``; older
+  releases: ``vma``); empty outside ``shard_map``."""
+  aval = jax.typeof(v)
+  manual = getattr(aval, "manual_axis_type", None)
+  return set(manual.varying) if manual is not None else set(getattr(aval, "vma", ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _normalize_affine_per_channel(x, mean, var, scale, bias, eps):
+  return _scale_shift(_normalize(x, mean, var, eps), scale, bias)
+
+
+def _normalize_affine_fwd(x, mean, var, scale, bias, eps):
+  y = _normalize_affine_per_channel(x, mean, var, scale, bias, eps)
+  return y, (x, mean, var, scale, bias is not None)
+
+
+def _normalize_affine_bwd(eps, residuals, ct):
+  x, mean, var, scale, has_bias = residuals
+  ct = ct.astype(jnp.float32)
+  r = lax.rsqrt(var + eps)
+  x_hat = (x.astype(jnp.float32) - mean) * r
+  sum_ct = _sum_to_shape(ct, mean.shape)              # Σ ∂L/∂y per statistic
+  sum_ct_xhat = _sum_to_shape(ct * x_hat, mean.shape)  # Σ ∂L/∂y·x̂ per statistic
+  gamma = 1.0 if scale is None else scale
+  channel_total = lambda a: jnp.sum(a.reshape(-1, a.shape[-1]), axis=0)
+  d_x = (ct * (gamma * r)).astype(x.dtype)
+  d_mean = -r * gamma * sum_ct
+  d_var = -0.5 * r * r * gamma * sum_ct_xhat
+  d_scale = None if scale is None else channel_total(sum_ct_xhat)
+  d_bias = channel_total(sum_ct) if has_bias else None
+  return d_x, d_mean, d_var, d_scale, d_bias
+
+
+_normalize_affine_per_channel.defvjp(_normalize_affine_fwd, _normalize_affine_bwd)
 
 
 # ----------------------------------------------------------------------------------------
@@ -261,9 +351,8 @@ class BatchNorm(nn.Module):
   def __call__(self, x, *, train: bool = False, mask=None):
     c = x.shape[-1]
     mean, var = _batch_statistics(self, x, mask, self.ctx, train)
-    y = _normalize(x, mean, var, self.ctx.epsilon)
-    y = _affine(self, y, c, self.use_scale, self.use_bias, self.scale_init)
-    return y.astype(x.dtype)
+    scale, bias = _affine_params(self, c, self.use_scale, self.use_bias, self.scale_init)
+    return normalize_affine(x, mean, var, scale, bias, self.ctx.epsilon).astype(x.dtype)
 
 
 class SampleNorm(nn.Module):
@@ -334,9 +423,8 @@ class SwitchableNorm(nn.Module):
     w_var = jax.nn.softmax(self.param("var_weight", nn.initializers.ones, (3,), jnp.float32))
     mean = w_mean[0] * mean_in + w_mean[1] * mean_ln + w_mean[2] * mean_bn
     var = w_var[0] * var_in + w_var[1] * var_ln + w_var[2] * var_bn
-    y = _normalize(x, mean, var, self.ctx.epsilon)
-    y = _affine(self, y, c, True, True, self.scale_init)
-    return y.astype(x.dtype)
+    scale, bias = _affine_params(self, c, True, True, self.scale_init)
+    return normalize_affine(x, mean, var, scale, bias, self.ctx.epsilon).astype(x.dtype)
 
 
 class Identity(nn.Module):
