@@ -38,7 +38,8 @@ from resnorm_jax.summary import model_summary  # noqa: E402
 
 def make_config(depth: int, batch: int, dtype: str):
   cfg = load_config_module(os.path.join(common.REPO, "configs", "cifar_resnet.py")).get_config(
-      f"resnet{depth}")
+      "resnet110")  # He et al.'s recipe; any basic-unit depth 6n+2
+  cfg.model.depth = depth
   cfg.data.name = "synthetic"
   cfg.data.synthetic_train_size = max(4 * batch, 512)
   cfg.data.synthetic_test_size = 128

@@ -1,0 +1,41 @@
+"""Smoke tests of the ResNet benchmark scripts: tiny settings, end to end, so they can't rot."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_resnet_step_benchmark_runs_and_counts_the_same_parameters(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  del torch
+  out = tmp_path / "r.json"
+  result = load("resnet_step").main(["--depth", "8", "--batch", "8", "--warmup", "1",
+                                     "--repeats", "1", "--peak_sizes", "128",
+                                     "--json", str(out)])
+  assert set(result["medians_s"]) == {"framework", "bare jit", "torch channels-last",
+                                      "torch nchw"}
+  assert result["params"]["jax"] == result["params"]["torch"]  # the same network
+  assert result["flops_per_step"] > 0 and result["peak_flops"] > 0
+  assert out.exists() and "| framework" in capsys.readouterr().out
+
+
+def test_resnet_step_benchmark_without_torch():
+  result = load("resnet_step").main(["--depth", "8", "--batch", "8", "--warmup", "1",
+                                     "--repeats", "1", "--peak_sizes", "128", "--no_torch"])
+  assert set(result["medians_s"]) == {"framework", "bare jit"}
+
+
+def test_conv_floor_benchmark_runs(capsys):
+  result = load("conv_floor").main(["--batch", "2", "--repeats", "1"])
+  assert len(result["rows"]) == 9 and result["totals_s"]["xla"] > 0
+  assert "grad kernel" in capsys.readouterr().out
