@@ -34,20 +34,33 @@ def tiny_config(**overrides):
 
 def run_steps(config, steps=3):
   """Runs ``steps`` train steps in the config's execution style; returns the host state."""
+  return run_steps_with_stats(config, steps)[0]
+
+
+def run_steps_with_stats(config, steps=3, stats_at=(), initial=None):
+  """Like :func:`run_steps`, with the layer-statistics variant of the step at the step
+  numbers in ``stats_at``, from the host state ``initial`` if given (initialising is the
+  slowest part of a tiny run); returns (host state, {step: host metrics["layer_stats"]})."""
   config_lib.validate(config, jax.device_count())
   dataset = data_lib.load_dataset(config)
   mesh = parallelism.make_mesh(config.parallel.num_devices)
   task = training.build_task(config, dataset, mesh)
-  state = training.init_state(task)
-  step_fn = training.make_train_step(task)
+  state = (training.init_state(task) if initial is None
+           else jax.device_put(initial, parallelism.replicated(mesh)))
+  step_fns = {False: training.make_train_step(task),
+              True: training.make_train_step(task, layer_stats=True)}
   rep, shard = parallelism.replicated(mesh), parallelism.batch_sharded(mesh)
   images = jax.device_put(dataset.train_images, rep)
   labels = jax.device_put(dataset.train_labels, rep)
+  stats = {}
   for step in range(steps):
     idx = data_lib.batch_indices(config.train.seed, step, len(dataset.train_labels),
                                  config.train.batch_size)
-    state, _ = step_fn(state, images, labels, jax.device_put(idx, shard))
-  return jax.device_get(state)
+    state, metrics = step_fns[step in stats_at](state, images, labels,
+                                                jax.device_put(idx, shard))
+    if step in stats_at:
+      stats[step] = jax.device_get(metrics["layer_stats"])
+  return jax.device_get(state), stats
 
 
 def read_state(workdir):

@@ -147,6 +147,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("--config.parallel.mode=pjit", "parallel.mode='pjit' is not valid"),
     ("--config.train.batch_size=12", "divisible by the 8 data-parallel devices"),
     ("--config=configs/cifar_resnet.py:resnet111", "unknown variant 'resnet111'"),
+    ("--config.train.layer_stats_every_steps=-1",
+     "train.layer_stats_every_steps=-1 must be a non-negative integer"),
 ])
 def test_cli_rejects_bad_config_with_one_line_and_writes_nothing(tmp_path, flag, message):
   workdir = tmp_path / "run"
