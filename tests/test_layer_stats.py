@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from resnorm_jax import (config as config_lib, data as data_lib, layer_stats, models,
                          parallelism, training, translation, translation_training)
-from resnorm_jax.analysis import stats as stats_lib
+from resnorm_jax.analysis import plots, stats as stats_lib
 from resnorm_jax.layers.registry import ConfigError
 from resnorm_jax.metrics import read_metrics
 from resnorm_jax.models import transformer
@@ -190,7 +190,7 @@ def tensorboard_tags(workdir):
   return tags
 
 
-def test_loop_writes_jsonl_and_tensorboard_and_keeps_the_checkpoint(tmp_path):
+def test_loop_writes_jsonl_tensorboard_and_a_plot_and_keeps_the_checkpoint(tmp_path):
   config = tiny_config(**{"parallel.num_devices": 1, "train.steps": 3,
                           "train.layer_stats_every_steps": 2,
                           "checkpoint.every_steps": 1000})
@@ -210,6 +210,9 @@ def test_loop_writes_jsonl_and_tensorboard_and_keeps_the_checkpoint(tmp_path):
   tags = tensorboard_tags(str(tmp_path))
   assert {"layer_grad_norm/stage1_unit1", "layer_update_norm/classifier",
           "act_std/stage3_unit1", "act_kurtosis/stage2_unit1", "train/loss"} <= tags
+
+  (png,) = plots.layer_stats_figures(records, str(tmp_path))
+  assert os.path.getsize(png) > 0
 
   # The checkpoint is the usual TrainState (its template does not depend on the option).
   step, restored = read_state(str(tmp_path))
