@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.label_smoothing = 0.0
   c.train.on_nonfinite = "stop"   # stop | skip
   c.train.log_every_steps = 50
+  # > 0: every N steps, per-layer gradient/parameter/update norms and the moments of every
+  # residual unit's output to TensorBoard and layer_stats.jsonl (resnorm_jax/layer_stats.py).
+  c.train.layer_stats_every_steps = 0   # 0 = off
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 500        # 0 = only at the end
@@ -186,6 +189,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for key in ("steps", "batch_size", "log_every_steps"):
     if not isinstance(t[key], int) or t[key] < 1:
       raise ConfigError(f"train.{key}={t[key]!r} must be a positive integer")
+  every = t.layer_stats_every_steps
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise ConfigError(f"train.layer_stats_every_steps={every!r} must be a non-negative "
+                      "integer: 0 (off) or the number of steps between per-layer statistics")
   if t.batch_size % requested:
     raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the "
                       f"{requested} data-parallel devices; e.g. use "

@@ -18,8 +18,9 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
-    self.enabled = enabled
+    self.enabled, self.workdir = enabled, workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._records: dict = {}
     self._file = open(self.path, "a", buffering=1) if enabled else None
     self._tb = None
     if enabled and tensorboard:
@@ -35,21 +36,37 @@ class MetricWriter:
     clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v)))
              for k, v in scalars.items()}
     self._file.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
+    self._scalars(step, split, scalars)
+
+  def write_record(self, filename: str, step: int, record: Mapping,
+                   tensorboard: Mapping[str, Mapping[str, float]] | None = None) -> None:
+    """Appends ``{"step", **record}`` as a line of ``<workdir>/<filename>`` (JSON lines, e.g.
+    per-layer arrays), and the scalars ``tensorboard[split][name]`` as ``split/name``."""
+    if not self.enabled:
+      return
+    if filename not in self._records:
+      self._records[filename] = open(os.path.join(self.workdir, filename), "a", buffering=1)
+    self._records[filename].write(json.dumps({"step": int(step), **record}) + "\n")
+    for split, scalars in (tensorboard or {}).items():
+      self._scalars(step, split, scalars)
+
+  def _scalars(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
   def close(self) -> None:
-    if self._file:
-      self._file.close()
-      self._file = None
+    for f in [self._file, *self._records.values()]:
+      if f:
+        f.close()
+    self._file, self._records = None, {}
     if self._tb is not None:
       self._tb.close()
       self._tb = None
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+def read_metrics(workdir: str, filename: str = "metrics.jsonl") -> list[dict]:
+  with open(os.path.join(workdir, filename)) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

@@ -137,6 +137,9 @@ def print_summary(summary: dict) -> None:
       f"{os.path.join(summary['workdir'], 'tensorboard')})",
       f"  checkpoints    {summary['checkpoints']}",
   ]
+  if summary.get("layer_stats"):
+    lines.append(f"  layer stats    {summary['layer_stats']} (JSON lines; TensorBoard "
+                 "layer_*/ and act_*/ tags)")
   if summary["skipped_steps"]:
     lines.append(f"  skipped steps  {summary['skipped_steps']} (non-finite)")
   print("\n".join(lines))

@@ -26,7 +26,7 @@ import optax
 from jax import lax
 
 from resnorm_jax import checkpointing, config as config_lib, data as data_lib, models
-from resnorm_jax import parallelism
+from resnorm_jax import layer_stats as layer_stats_lib, parallelism
 from resnorm_jax.layers.registry import ConfigError
 from resnorm_jax.metrics import MetricWriter, Progress
 
@@ -187,14 +187,15 @@ def apply_gradients(tx, state: TrainState, grads, loss, batch_stats,
   return new_state, grad_norm
 
 
-def make_train_step(task: Task) -> Callable:
+def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
   """``train_step(state, images, labels, indices) -> (state, metrics)``.
 
   ``images``/``labels`` are the whole uint8 training set on the devices (replicated);
   ``indices`` the global batch's example indices (batch-sharded).  Gathering, augmentation
   and normalization run on the global batch in every style, so all styles see identical
   inputs; the per-replica function then reduces gradients, metrics and (inside the model)
-  BatchNorm statistics by axis name.
+  BatchNorm statistics by axis name.  With ``layer_stats`` the same update also returns
+  ``metrics["layer_stats"]`` (:func:`resnorm_jax.layer_stats.step_stats`).
   """
   config, dataset = task.config, task.dataset
   seed_key = jax.random.key(config.train.seed)
@@ -218,7 +219,7 @@ def make_train_step(task: Task) -> Callable:
       def loss_fn(params):
         logits, new_vars = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, x, train=True,
-            mutable=["batch_stats"], rngs={"dropout": key})
+            rngs={"dropout": key}, **layer_stats_lib.apply_kwargs(layer_stats))
         return cross_entropy(logits, labels, smoothing).mean(), (logits, new_vars)
 
       (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -231,6 +232,10 @@ def make_train_step(task: Task) -> Callable:
                                              stop_on_nonfinite)
       metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
                      learning_rate=task.schedule(state.step))
+      if layer_stats:
+        metrics["layer_stats"] = layer_stats_lib.step_stats(
+            grads, state.params, new_state.params, new_vars.get("intermediates", {}),
+            axis_name=axis_name)
       return new_state, metrics
     return step_fn
 
@@ -313,6 +318,7 @@ class ImageJob:
         self.dataset.test_labels)]
     self.sharded = parallelism.batch_sharded(self.mesh)
     self.train_step, self.eval_step = make_train_step(self.task), make_eval_step(self.task)
+    self.stats_step = make_train_step(self.task, layer_stats=True)  # compiled on first use
 
   def abstract_state(self) -> TrainState:
     return abstract_state(self.task)
@@ -320,11 +326,15 @@ class ImageJob:
   def init_state(self) -> TrainState:
     return init_state(self.task)
 
-  def step(self, state: TrainState, step: int):
+  def step(self, state: TrainState, step: int, layer_stats: bool = False):
     t = self.config.train
     idx = data_lib.batch_indices(t.seed, step, len(self.dataset.train_labels), t.batch_size)
-    return self.train_step(state, *self.arrays[:2],
-                           parallelism.host_to_global(idx, self.sharded))
+    train_step = self.stats_step if layer_stats else self.train_step
+    return train_step(state, *self.arrays[:2], parallelism.host_to_global(idx, self.sharded))
+
+  def layer_call_order(self):
+    return layer_stats_lib.module_call_order(
+        self.task.model, jnp.zeros((1,) + self.dataset.image_shape), train=False)
 
   def throughput(self, summary: dict, steps_per_sec: float) -> dict:
     return {"examples_per_sec": steps_per_sec * self.config.train.batch_size}
@@ -376,6 +386,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   t = config.train
   writer = MetricWriter(workdir, enabled=_is_main_process())
+  stats_every = t.layer_stats_every_steps
+  call_order = job.layer_call_order() if stats_every and writer.enabled else []
   progress = Progress(t.steps, start_step, t.batch_size, enabled=_is_main_process())
   history: list[dict] = []
   last_eval: dict[str, float] = {}
@@ -403,7 +415,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step = start_step
       tick = time.perf_counter()
       while step < t.steps:
-        state, metrics = job.step(state, step)
+        with_stats = stats_every > 0 and (step + 1) % stats_every == 0
+        state, metrics = job.step(state, step, layer_stats=with_stats)
+        if with_stats:
+          layer_stats_lib.write(writer, step + 1, metrics.pop("layer_stats"), call_order)
         history.append(metrics)
         step += 1
         if step % t.log_every_steps == 0 or step == t.steps:
@@ -448,6 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "total_seconds": time.perf_counter() - t0,
       "workdir": workdir,
       "metrics": writer.path,
+      "layer_stats": os.path.join(workdir, layer_stats_lib.FILENAME) if stats_every else None,
       "checkpoints": ckpt.directory,
       "state": state,
   }

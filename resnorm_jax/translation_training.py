@@ -28,14 +28,18 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from resnorm_jax import decoding, models, parallelism, translation
-from resnorm_jax.models.transformer import label_smoothed_cross_entropy, shift_right
+from resnorm_jax import decoding, layer_stats as layer_stats_lib, models, parallelism
+from resnorm_jax import translation
+from resnorm_jax.models.transformer import (label_smoothed_cross_entropy, padding_mask,
+                                            shift_right, target_mask)
 from resnorm_jax.training import TrainState, apply_gradients, make_optimizer
 
 
-def make_translation_train_step(config, mesh, model_for, tx, schedule):
+def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_stats=False):
   """``train_step(state, src, tgt) -> (state, metrics)``; src/tgt (R, L) int32 global arrays
-  (batch-sharded).  Dropout keys are a function of (seed, step[, replica])."""
+  (batch-sharded).  Dropout keys are a function of (seed, step[, replica]).  With
+  ``layer_stats`` the same update also returns ``metrics["layer_stats"]``, activation
+  moments over the real tokens of each side (:mod:`resnorm_jax.layer_stats`)."""
   seed_key = jax.random.key(config.train.seed)
   smoothing = float(config.train.label_smoothing)
   stop_on_nonfinite = config.train.on_nonfinite == "stop"
@@ -47,11 +51,12 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule):
       if axis_name is not None:
         key = jax.random.fold_in(key, lax.axis_index(axis_name))
 
+      tgt_in = shift_right(tgt, translation.BOS_ID)
+
       def loss_fn(params):
         logits, new_vars = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, src,
-            shift_right(tgt, translation.BOS_ID), train=True, mutable=["batch_stats"],
-            rngs={"dropout": key})
+            {"params": params, "batch_stats": state.batch_stats}, src, tgt_in, train=True,
+            rngs={"dropout": key}, **layer_stats_lib.apply_kwargs(layer_stats))
         loss_sum, count = label_smoothed_cross_entropy(logits, tgt, translation.PAD_ID,
                                                        smoothing)
         return loss_sum, (count, new_vars)
@@ -68,6 +73,12 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule):
                                              stop_on_nonfinite)
       metrics = dict(loss=loss, tokens=count, grad_norm=grad_norm,
                      learning_rate=schedule(state.step))
+      if layer_stats:
+        masks = {"encoder": padding_mask(src, translation.PAD_ID),
+                 "decoder": target_mask(tgt_in, translation.PAD_ID)}
+        metrics["layer_stats"] = layer_stats_lib.step_stats(
+            grads, state.params, new_state.params, new_vars.get("intermediates", {}),
+            axis_name=axis_name, weights_for=lambda path: masks.get(path[0]))
       return new_state, metrics
     return step_fn
 
@@ -133,11 +144,16 @@ class TranslationJob:
         translation.encode(self.sp, sources), config.eval.batch_size, replicas,
         config.model.max_len)
     self.sharded = parallelism.batch_sharded(self.mesh)
-    self.train_step = make_translation_train_step(config, self.mesh, self.model_for, self.tx,
-                                                  self.schedule)
+    self.train_step, self.stats_step = (
+        make_translation_train_step(config, self.mesh, self.model_for, self.tx, self.schedule,
+                                    layer_stats=layer_stats) for layer_stats in (False, True))
+
+  @staticmethod
+  def _example_tokens():
+    return jnp.ones((1, 8), jnp.int32)
 
   def _init(self, key):
-    tokens = jnp.ones((1, 8), jnp.int32)
+    tokens = self._example_tokens()
     variables = self.model.init({"params": key, "dropout": key}, tokens, tokens, train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -161,8 +177,13 @@ class TranslationJob:
     return (parallelism.host_to_global(src, self.sharded),
             parallelism.host_to_global(tgt, self.sharded))
 
-  def step(self, state: TrainState, step: int):
-    return self.train_step(state, *self.global_batch(step))
+  def step(self, state: TrainState, step: int, layer_stats: bool = False):
+    train_step = self.stats_step if layer_stats else self.train_step
+    return train_step(state, *self.global_batch(step))
+
+  def layer_call_order(self):
+    tokens = self._example_tokens()
+    return layer_stats_lib.module_call_order(self.model, tokens, tokens, train=False)
 
   @staticmethod
   def throughput(summary: dict, steps_per_sec: float) -> dict:

@@ -1,4 +1,5 @@
-"""Shared test helpers: reading a finished run's state, tiny CLI settings."""
+"""Shared test helpers: tiny image configs, running steps, reading a finished run's state,
+tiny CLI settings."""
 
 import json
 import os
@@ -8,6 +9,58 @@ import jax
 from resnorm_jax import config as config_lib, data as data_lib, parallelism, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """A depth-8, width-4 ResNet on 64 synthetic images; ``overrides``: {"section.key": v}."""
+  c = config_lib.base_config()
+  c.model.depth = 8
+  c.model.width = 4
+  c.data.synthetic_train_size = 64
+  c.data.synthetic_test_size = 32
+  c.train.batch_size = 16
+  c.train.steps = 6
+  c.train.schedule = "constant"
+  c.train.learning_rate = 0.05
+  c.train.log_every_steps = 1
+  c.eval.every_steps = 0
+  c.eval.batch_size = 16
+  c.checkpoint.every_steps = 3
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def run_steps(config, steps=3):
+  """Runs ``steps`` train steps in the config's execution style; returns the host state."""
+  return run_steps_with_stats(config, steps)[0]
+
+
+def run_steps_with_stats(config, steps=3, stats_at=(), initial=None):
+  """Like :func:`run_steps`, with the layer-statistics variant of the step at the step
+  numbers in ``stats_at``, from the host state ``initial`` if given (initialising is the
+  slowest part of a tiny run); returns (host state, {step: host metrics["layer_stats"]})."""
+  config_lib.validate(config, jax.device_count())
+  dataset = data_lib.load_dataset(config)
+  mesh = parallelism.make_mesh(config.parallel.num_devices)
+  task = training.build_task(config, dataset, mesh)
+  state = (training.init_state(task) if initial is None
+           else jax.device_put(initial, parallelism.replicated(mesh)))
+  step_fns = {False: training.make_train_step(task),
+              True: training.make_train_step(task, layer_stats=True)}
+  rep, shard = parallelism.replicated(mesh), parallelism.batch_sharded(mesh)
+  images = jax.device_put(dataset.train_images, rep)
+  labels = jax.device_put(dataset.train_labels, rep)
+  stats = {}
+  for step in range(steps):
+    idx = data_lib.batch_indices(config.train.seed, step, len(dataset.train_labels),
+                                 config.train.batch_size)
+    state, metrics = step_fns[step in stats_at](state, images, labels,
+                                                jax.device_put(idx, shard))
+    if step in stats_at:
+      stats[step] = jax.device_get(metrics["layer_stats"])
+  return jax.device_get(state), stats
 
 
 def read_state(workdir):

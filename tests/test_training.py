@@ -13,48 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnorm_jax import config as config_lib, data as data_lib, parallelism, training
+from resnorm_jax import config as config_lib, training
 from resnorm_jax.layers.registry import ConfigError
 
-from helpers import CLI_TINY, REPO, read_state
-
-
-def tiny_config(**overrides):
-  c = config_lib.base_config()
-  c.model.depth = 8
-  c.model.width = 4
-  c.data.synthetic_train_size = 64
-  c.data.synthetic_test_size = 32
-  c.train.batch_size = 16
-  c.train.steps = 6
-  c.train.schedule = "constant"
-  c.train.learning_rate = 0.05
-  c.train.log_every_steps = 1
-  c.eval.every_steps = 0
-  c.eval.batch_size = 16
-  c.checkpoint.every_steps = 3
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    c[section][name] = value
-  return c
-
-
-def run_steps(config, steps=3):
-  """Runs ``steps`` train steps in the config's execution style; returns the host state."""
-  config_lib.validate(config, jax.device_count())
-  dataset = data_lib.load_dataset(config)
-  mesh = parallelism.make_mesh(config.parallel.num_devices)
-  task = training.build_task(config, dataset, mesh)
-  state = training.init_state(task)
-  step_fn = training.make_train_step(task)
-  rep, shard = parallelism.replicated(mesh), parallelism.batch_sharded(mesh)
-  images = jax.device_put(dataset.train_images, rep)
-  labels = jax.device_put(dataset.train_labels, rep)
-  for step in range(steps):
-    idx = data_lib.batch_indices(config.train.seed, step, len(dataset.train_labels),
-                                 config.train.batch_size)
-    state, _ = step_fn(state, images, labels, jax.device_put(idx, shard))
-  return jax.device_get(state)
+from helpers import CLI_TINY, REPO, read_state, run_steps, tiny_config
 
 
 def assert_states_close(a, b, atol=2e-5):
@@ -185,6 +147,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("--config.parallel.mode=pjit", "parallel.mode='pjit' is not valid"),
     ("--config.train.batch_size=12", "divisible by the 8 data-parallel devices"),
     ("--config=configs/cifar_resnet.py:resnet111", "unknown variant 'resnet111'"),
+    ("--config.train.layer_stats_every_steps=-1",
+     "train.layer_stats_every_steps=-1 must be a non-negative integer"),
 ])
 def test_cli_rejects_bad_config_with_one_line_and_writes_nothing(tmp_path, flag, message):
   workdir = tmp_path / "run"

@@ -3,6 +3,7 @@
     resnorm-analyze --config=configs/moments.py:bn_res --workdir=runs/bn_res
     resnorm-analyze --config=configs/shattering.py --config.draws=50
     resnorm-analyze --config=configs/grad_scale.py:paper
+    resnorm-analyze --layer_stats=runs/quickstart   # plot a training run's layer_stats.jsonl
 
 Writes ``results.json`` (settings, per-layer arrays with their layer indices, fitted rates)
 and PNG figures into the workdir, and prints a summary table.  Exit codes: 0 done, 2
@@ -40,6 +41,9 @@ def define_flags():
       lock_config=True)
   _FLAGS["workdir"] = flags.DEFINE_string(
       "workdir", None, "Output directory (default: runs/<config name>[_<variant>]).")
+  _FLAGS["layer_stats"] = flags.DEFINE_string(
+      "layer_stats", None, "Instead of an analysis: plot the per-layer statistics of the "
+      "training run in this workdir (train.layer_stats_every_steps) against depth.")
 
 
 def fail(message: str, code: int = EXIT_USAGE):
@@ -94,9 +98,26 @@ def figures(name: str, results: dict, workdir: str, title: str) -> list[str]:
           "grad_scale": plots.grad_scale_figures}[name](results, workdir, title)
 
 
+def plot_layer_stats(run: str, workdir: str | None) -> None:
+  """layer_stats_depth.png of a training run (into ``workdir``, default the run's)."""
+  from resnorm_jax import layer_stats
+  from resnorm_jax.analysis import plots
+  from resnorm_jax.metrics import read_metrics
+  path = os.path.join(run, layer_stats.FILENAME)
+  if not os.path.exists(path):
+    fail(f"{path} does not exist; train with --config.train.layer_stats_every_steps=N "
+         "(N > 0) to write it")
+  os.makedirs(workdir or run, exist_ok=True)
+  for png in plots.layer_stats_figures(read_metrics(run, layer_stats.FILENAME),
+                                       workdir or run, title=os.path.abspath(run)):
+    print(f"  figure   {png}")
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; use --config.<key>=<value> for overrides")
+  if _FLAGS["layer_stats"].value:
+    return plot_layer_stats(_FLAGS["layer_stats"].value, _FLAGS["workdir"].value)
   config = _FLAGS["config"].value
   if "analysis" not in config:
     fail(f"--config is not an analysis config (it has no 'analysis' key); use "

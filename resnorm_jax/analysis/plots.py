@@ -152,3 +152,36 @@ def grad_scale_figures(results: dict, workdir: str, title: str = "") -> list[str
       ax.legend(fontsize=8)
     paths.append(_save(fig, workdir, "grad_scale_transformer.png"))
   return paths
+
+
+def layer_stats_figures(records: list[dict], workdir: str, title: str = "",
+                        max_lines: int = 12) -> list[str]:
+  """layer_stats_depth.png: from a training run's ``layer_stats.jsonl`` records, against
+  depth (forward order), one line per logged step (at most ``max_lines``, evenly spaced,
+  coloured early → late): the gradient norm and the relative update ‖Δθ‖/‖θ‖ of each
+  layer, the std and the kurtosis of each residual unit's output."""
+  plt = _pyplot()
+  if len(records) > max_lines:
+    records = [records[i] for i in np.linspace(0, len(records) - 1, max_lines).astype(int)]
+  colors = plt.get_cmap("viridis")(np.linspace(0, 1, len(records)))
+  as_array = lambda values: np.array(values, dtype=float)   # null (non-finite) -> nan
+  panels = [("layers", lambda t: as_array(t["grad_norm"]), "gradient norm ‖g‖", "log"),
+            ("layers", lambda t: as_array(t["update_norm"]) / as_array(t["param_norm"]),
+             "relative update ‖Δθ‖ / ‖θ‖", "log"),
+            ("activations", lambda t: as_array(t["std"]), "std of the unit output", "log"),
+            ("activations", lambda t: as_array(t["kurtosis"]), "channel kurtosis μ4/μ2²",
+             "linear")]
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+  for ax, (section, value, label, scale) in zip(axes.flat, panels):
+    for record, color in zip(records, colors):
+      ax.plot(value(record[section]), color=color, lw=1.2, label=f"step {record['step']}")
+    names = records[-1][section]["names"] if records else []
+    ticks = np.unique(np.linspace(0, max(len(names) - 1, 0), min(len(names), 8)).astype(int))
+    ax.set_xticks(ticks, [names[i] for i in ticks] if names else [], rotation=30, ha="right",
+                  fontsize=7)
+    ax.set(ylabel=label, yscale=scale, xlabel="layer" if section == "layers" else "unit")
+  axes[1, 1].axhline(3.0, color="k", lw=0.6, ls="--")
+  axes[0, 0].legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  return [_save(fig, workdir, "layer_stats_depth.png")]

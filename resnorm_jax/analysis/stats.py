@@ -89,11 +89,16 @@ def kurtosis(z: Array) -> Array:
   Channels with no variance (e.g. dead ReLUs) are left out of the mean.
   """
   m = centre(feature_matrix(z))
-  mu2 = jnp.mean(jnp.square(m), axis=0)
-  mu4 = jnp.mean(jnp.square(jnp.square(m)), axis=0)
-  live = mu2 > 1e-12 * jnp.maximum(jnp.max(mu2), _TINY)
+  return kurtosis_from_moments(jnp.mean(jnp.square(m), axis=0),
+                               jnp.mean(jnp.square(jnp.square(m)), axis=0))
+
+
+def kurtosis_from_moments(mu2: Array, mu4: Array) -> Array:
+  """:func:`kurtosis` from the central moments μ2, μ4 of each channel (last axis; leading
+  axes are kept): the mean of μ4/μ2² over the channels with variance."""
+  live = mu2 > 1e-12 * jnp.maximum(jnp.max(mu2, axis=-1, keepdims=True), _TINY)
   k = jnp.where(live, mu4 / jnp.where(live, jnp.square(mu2), 1.0), 0.0)
-  return jnp.sum(k) / jnp.maximum(jnp.sum(live), 1)
+  return jnp.sum(k, axis=-1) / jnp.maximum(jnp.sum(live, axis=-1), 1)
 
 
 def signal_noise_stats(x: Array, dx: Array, iters: int = 0) -> dict[str, Array]:

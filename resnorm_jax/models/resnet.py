@@ -109,7 +109,9 @@ class CifarResNet(nn.Module):
       if n == 1:
         continue
       if self.scan_stages:
-        scanned = nn.scan(unit_cls, variable_axes={"params": 0, "batch_stats": 0},
+        # "intermediates": captured unit outputs (layer statistics) stack like the params.
+        scanned = nn.scan(unit_cls, variable_axes={"params": 0, "batch_stats": 0,
+                                                   "intermediates": 0},
                           split_rngs={"params": True, "dropout": True}, length=n - 1)
         x, _ = scanned(rest, train, name=f"stage{stage + 1}_units")(x, None)
       else:
