@@ -48,10 +48,6 @@ import os
 import sys
 import time
 
-# JAX and PyTorch share one accelerator in this process: JAX must not reserve most of its
-# memory up front (set before JAX starts its backend; no effect on CPU).
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
   sys.path.insert(0, HERE)
@@ -333,6 +329,8 @@ def parse_args(argv=None):
   p.add_argument("--peak_sizes", default="1024,2048,4096",
                  help="square matmul sizes for the measured peak")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+  p.add_argument("--torch_threads", type=int, default=0,
+                 help="torch.set_num_threads (0: PyTorch's default, one per core)")
   p.add_argument("--loss_rtol", type=float, default=None,
                  help="tolerance of the JAX/PyTorch loss agreement (default 1e-4 float32 "
                       "on CPU, 2e-3 float32 (TF32) on GPU, 2e-2 bfloat16)")
@@ -408,6 +406,8 @@ def main(argv=None) -> dict:
   if torch is not None:
     losses["jax"] = jax_loss(model, params, src_j, tgt_j, smoothing)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
     if device == "cuda":   # float32 matmuls as JAX runs them by default on GPU: TF32
       torch.set_float32_matmul_precision("high")
     ref = build_torch_reference(torch, cfg, host_params, device)
@@ -509,4 +509,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  # JAX and PyTorch share one accelerator in this process: JAX must not reserve most of its
+  # memory up front (read when JAX starts its backend, i.e. in main; no effect on CPU).
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   main()
