@@ -6,9 +6,11 @@ global batch and divided by their number N:
 
     L = Σ_{b,t: y_bt ≠ pad} ℓ_ε(logits_bt, y_bt) / N.
 
-Each replica computes the sums of its slice; ``psum`` of (∇ sum, sum, N) over replicas then
-gives exactly the global-batch gradient, so the three execution styles (``jit``,
-``shard_map``, ``pmap``; :func:`resnorm_jax.parallelism.data_parallel`) agree.  BatchNorm
+N does not depend on the parameters: it is counted (and ``psum``-ed over replicas) first,
+each replica differentiates the sum over its slice divided by N, and ``psum`` of (∇, loss)
+then gives exactly the global-batch gradient, with no division pass over the gradients; so
+the three execution styles (``jit``, ``shard_map``, ``pmap``;
+:func:`resnorm_jax.parallelism.data_parallel`) agree.  BatchNorm
 variants (``xskip_bn``, ``rskip_bn``, ``model.norm=batch``) see the token mask through the
 model (statistics over real tokens; an all-padding row still contributes its BOS position).
 
@@ -52,22 +54,25 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_sta
         key = jax.random.fold_in(key, lax.axis_index(axis_name))
 
       tgt_in = shift_right(tgt, translation.BOS_ID)
+      # N = the global batch's real target tokens; it does not depend on the parameters, so
+      # the loss is divided before differentiating and the gradients come out of the
+      # backward pass already normalized (no extra pass over a parameter-sized tree).
+      count = jnp.sum(tgt != translation.PAD_ID).astype(jnp.float32)
+      if axis_name is not None:
+        count = lax.psum(count, axis_name)
+      denominator = jnp.maximum(count, 1.0)
 
       def loss_fn(params):
         logits, new_vars = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, src, tgt_in, train=True,
             rngs={"dropout": key}, **layer_stats_lib.apply_kwargs(layer_stats))
-        loss_sum, count = label_smoothed_cross_entropy(logits, tgt, translation.PAD_ID,
-                                                       smoothing)
-        return loss_sum, (count, new_vars)
+        loss_sum, _ = label_smoothed_cross_entropy(logits, tgt, translation.PAD_ID,
+                                                   smoothing)
+        return loss_sum / denominator, new_vars
 
-      (loss_sum, (count, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params)
+      (loss, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
       if axis_name is not None:
-        grads, loss_sum, count = lax.psum((grads, loss_sum, count), axis_name)
-      denominator = jnp.maximum(count, 1.0)
-      grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
-      loss = loss_sum / denominator
+        grads, loss = lax.psum((grads, loss), axis_name)
       new_state, grad_norm = apply_gradients(tx, state, grads, loss,
                                              new_vars.get("batch_stats", {}),
                                              stop_on_nonfinite)
