@@ -25,8 +25,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from resnorm_jax import checkpointing, config as config_lib, data as data_lib, models
-from resnorm_jax import parallelism
+from resnorm_jax import checkpointing, config as config_lib, conv_layout, data as data_lib
+from resnorm_jax import models, parallelism
 from resnorm_jax.layers.registry import ConfigError
 from resnorm_jax.metrics import MetricWriter, Progress
 
@@ -247,6 +247,10 @@ def make_train_step(task: Task) -> Callable:
   def train_step(state, images, labels, indices):
     key, x, y = prepare(state.step, images, labels, indices)
     return parallel_step(state, key, x, y)
+  if config.model.get("scan_stages") and task.mesh.devices.flat[0].platform == "cpu":
+    # XLA:CPU leaves the convolution gradients inside the scanned stages' loops on its slow
+    # path; rewrite them to its fast layout (see resnorm_jax/conv_layout.py).
+    train_step = conv_layout.canonicalize_convs(train_step)
   return jax.jit(train_step, donate_argnums=0)
 
 
