@@ -5,7 +5,8 @@ optionally ``cifar100``, e.g. ``configs/cifar_resnet.py:resnet164,cifar100``.
 
 Recipe: SGD momentum 0.9, batch 128, weight decay 1e-4, lr 0.1 divided by 10 at 32k and 48k
 iterations, 64k iterations, warm-up at lr 0.01 for 400 iterations (depth >= 110), 4-pixel pad
-+ random crop + horizontal flip, per-channel normalization, He-normal init.
++ random crop + horizontal flip, per-channel normalization, He-normal init.  Depths >= 1000
+scan their stages (``model.scan_stages``).
 """
 
 from resnorm_jax.config import base_config
@@ -29,6 +30,9 @@ def get_config(arg=None):
       raise ConfigError(f"unknown variant {part!r} of configs/cifar_resnet.py; valid: "
                         f"{', '.join(list(PRESETS) + list(DATASETS))}")
   c.model.unit = "full_preact"
+  # ResNet-1001/1202: one compiled body per stage instead of 333/600 units (cold start under
+  # 20 s instead of minutes on CPU; the step is not slower, see benchmarks/compile_time.py).
+  c.model.scan_stages = c.model.depth >= 1000
   c.train.steps = 64_000
   c.train.batch_size = 128
   c.train.optimizer = "sgd"
