@@ -258,79 +258,44 @@ def _normalize(x, mean, var, eps):
   return (x.astype(jnp.float32) - mean) * lax.rsqrt(var + eps)
 
 
-def _sum_to_shape(a: Array, shape: tuple[int, ...]) -> Array:
-  """Sums ``a`` over the axes where ``shape`` broadcasts (size 1), keeping dims."""
-  axes = tuple(i for i, (n, m) in enumerate(zip(a.shape, shape)) if m == 1 and n != 1)
-  return jnp.sum(a, axes, keepdims=True) if axes else a
-
-
 def normalize_affine(x, mean, var, scale, bias, eps: float):
   """y = γ (x − μ) / sqrt(σ² + ε) + β in float32, for statistics of any broadcast shape.
 
   With per-channel statistics (BatchNorm in every sync mode, InstanceNorm, SwitchableNorm:
-  ``mean.shape[-1] == C``) the backward pass is written by hand: with g = γ·∂L/∂y and
-  x̂ = (x − μ)·r, r = (σ² + ε)^(-1/2), reduced over the statistics' broadcast axes,
+  ``mean.shape[-1] == C``) the derivative is written by hand, grouping every tangent that
+  enters per statistic: with x̂ = (x − μ)·r, r = (σ² + ε)^(-1/2),
 
-    ∂L/∂x|_(μ,σ²) = g·r,  ∂L/∂μ = −r·Σg,  ∂L/∂σ² = −½ r²·Σ g x̂,
-    ∂L/∂β = Σ ∂L/∂y,  ∂L/∂γ = Σ ∂L/∂y·x̂,
+    dy = γr·dx + A + x̂·B,   A = dβ − γr·dμ,   B = dγ − ½γr²·dσ²   (A, B per statistic),
 
-  so two full-size reductions (Σ∂L/∂y and Σ∂L/∂y·x̂; the others are per-channel rescalings
-  of them) instead of the four that automatic differentiation emits.  The gradients through
-  μ and σ² continue into however they were computed (sums, psum across replicas, ghost
-  groups, masks) by ordinary autodiff, so one definition serves every sync mode.
+  so the reverse pass (its transpose) reduces the cotangent twice, Σ∂L/∂y → A and
+  Σ∂L/∂y·x̂ → B, and gets ∂L/∂β, ∂L/∂γ, ∂L/∂μ, ∂L/∂σ² by per-channel rescaling, where
+  differentiating the formula directly reduces it four times.  The gradients through μ and
+  σ² continue into however they were computed (sums, psum across replicas, ghost groups,
+  masks) by ordinary autodiff, so one definition serves every sync mode, and forward mode
+  (the moments diagnostics' ``jax.jvp``) works as well.
   """
   if mean.shape[-1] != x.shape[-1] or var.shape != mean.shape:
     return _scale_shift(_normalize(x, mean, var, eps), scale, bias)
-  mean, var, scale, bias = (_varying_like(x, a) for a in (mean, var, scale, bias))
-  return _normalize_affine_per_channel(x, mean, var, scale, bias, eps)
+  gamma = jnp.ones(x.shape[-1], jnp.float32) if scale is None else scale
+  beta = jnp.zeros(x.shape[-1], jnp.float32) if bias is None else bias
+  return _normalize_affine_per_channel(x, mean, var, gamma, beta, eps)
 
 
-def _varying_like(x, a):
-  """Inside ``shard_map`` with varying-axis tracking, marks the replicated ``a`` (synced
-  statistics, parameters) as varying like ``x``, so the hand-written backward pass may return
-  per-device cotangents; the cast's own transpose then sums them over devices."""
-  if a is None:
-    return None
-  missing = tuple(sorted(_varying_axes(x) - _varying_axes(a)))
-  return lax.pcast(a, missing, to="varying") if missing else a
-
-
-def _varying_axes(v) -> set:
-  """The manual mesh axes ``v`` varies over (jax 0.10: ``manual_axis_type.varying``; older
-  releases: ``vma``); empty outside ``shard_map``."""
-  aval = jax.typeof(v)
-  manual = getattr(aval, "manual_axis_type", None)
-  return set(manual.varying) if manual is not None else set(getattr(aval, "vma", ()))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _normalize_affine_per_channel(x, mean, var, scale, bias, eps):
-  return _scale_shift(_normalize(x, mean, var, eps), scale, bias)
+  return _normalize(x, mean, var, eps) * scale + bias
 
 
-def _normalize_affine_fwd(x, mean, var, scale, bias, eps):
-  y = _normalize_affine_per_channel(x, mean, var, scale, bias, eps)
-  return y, (x, mean, var, scale, bias is not None)
-
-
-def _normalize_affine_bwd(eps, residuals, ct):
-  x, mean, var, scale, has_bias = residuals
-  ct = ct.astype(jnp.float32)
+@_normalize_affine_per_channel.defjvp
+def _normalize_affine_jvp(eps, primals, tangents):
+  x, mean, var, scale, bias = primals
+  dx, dmean, dvar, dscale, dbias = tangents
   r = lax.rsqrt(var + eps)
   x_hat = (x.astype(jnp.float32) - mean) * r
-  sum_ct = _sum_to_shape(ct, mean.shape)              # Σ ∂L/∂y per statistic
-  sum_ct_xhat = _sum_to_shape(ct * x_hat, mean.shape)  # Σ ∂L/∂y·x̂ per statistic
-  gamma = 1.0 if scale is None else scale
-  channel_total = lambda a: jnp.sum(a.reshape(-1, a.shape[-1]), axis=0)
-  d_x = (ct * (gamma * r)).astype(x.dtype)
-  d_mean = -r * gamma * sum_ct
-  d_var = -0.5 * r * r * gamma * sum_ct_xhat
-  d_scale = None if scale is None else channel_total(sum_ct_xhat)
-  d_bias = channel_total(sum_ct) if has_bias else None
-  return d_x, d_mean, d_var, d_scale, d_bias
-
-
-_normalize_affine_per_channel.defvjp(_normalize_affine_fwd, _normalize_affine_bwd)
+  gain = scale * r
+  a = dbias - gain * dmean             # per statistic
+  b = dscale - 0.5 * gain * r * dvar   # per statistic
+  return x_hat * scale + bias, gain * dx.astype(jnp.float32) + a + x_hat * b
 
 
 # ----------------------------------------------------------------------------------------

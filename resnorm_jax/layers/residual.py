@@ -353,40 +353,36 @@ for _ordering, _doc in _ORDERINGS:
 # ----------------------------------------------------------------------------------------
 # Residual-stream gradient materialization (a CPU compile-time fix; identity in value).
 # ----------------------------------------------------------------------------------------
-def _materialized_on_cpu(g):
-  """``g`` returned through a conditional: XLA must compute a conditional's operand into one
+def _materialized_on_cpu(x, t):
+  """``t`` returned through a conditional: XLA must compute a conditional's operand into one
   buffer, so every consumer reads it instead of fusing (and re-running) its producers.
   Both branches are the identity (written differently, or JAX would inline the cond); the
-  predicate is always true but opaque to the compiler."""
-  first = g.reshape(-1)[:1]
+  predicate, from the primal ``x``, is always true but opaque to the compiler."""
+  first = x.reshape(-1)[:1]
   opaque_true = jnp.all(first == first) | jnp.all(first != first)
-  return lax.cond(opaque_true, lambda a: a, lambda a: a * jnp.ones((), a.dtype), g)
+  return lax.cond(opaque_true, lambda a: a, lambda a: a * jnp.ones((), a.dtype), t)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def materialize_grad(x):
-  """Identity whose cotangent is computed once into a buffer on CPU.
+  """Identity whose derivative (and so the gradient) is computed once into a buffer on CPU.
 
   In a residual stack the gradient of the stream is a running sum over every later unit,
   ``dL/dx_l = dL/dx_{l+1} + J_l^T(...)``.  XLA's CPU fusion treats those additions as cheap
   and duplicates them into every consumer fusion, so each unit re-reads the activations of
   all later units it can fit into one fusion: on a PreAct-ResNet-110 step that is 3,244
   copies of 111 additions and 29 GB of memory traffic.  Materializing the stream gradient
-  once per unit brings it to 539 copies and 21 GB (benchmarks/RESULTS.md).  Other
-  backends keep the plain identity.
+  once per unit brings it to 539 copies and 21 GB (benchmarks/RESULTS.md).  The rule is
+  linear in the tangent, so reverse mode transposes it into the same conditional on the
+  cotangent; other backends keep the plain identity.
   """
   return x
 
 
-def _materialize_fwd(x):
-  return x, None
-
-
-def _materialize_bwd(_, g):
-  return (lax.platform_dependent(g, cpu=_materialized_on_cpu, default=lambda a: a),)
-
-
-materialize_grad.defvjp(_materialize_fwd, _materialize_bwd)
+@materialize_grad.defjvp
+def _materialize_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return x, lax.platform_dependent(x, t, cpu=_materialized_on_cpu, default=lambda x, t: t)
 
 
 def apply_op(op: str, module, x, *, train: bool):
