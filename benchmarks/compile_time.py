@@ -171,17 +171,13 @@ def worker_env(cache_dir: str | None = None, platform: str = "cpu") -> dict:
   return env
 
 
-def _memory_cap(gigabytes: float):
-  """A preexec_fn capping the case's address space: on a shared machine a case that needs
-  more memory fails by itself (an allocation error) instead of waking the OOM killer."""
-  if gigabytes <= 0:
-    return None
-
-  def cap():
+def cap_memory(gigabytes: float) -> None:
+  """Caps this process's address space: on a shared machine a case that needs more memory
+  fails by itself (an allocation error) instead of waking the OOM killer."""
+  if gigabytes > 0:
     import resource
     limit = int(gigabytes * 2 ** 30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-  return cap
 
 
 def default_memory_gb() -> float:
@@ -196,12 +192,12 @@ def run_case(depth: int, mode: str, args, cache_dir: str | None = None) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--depths", str(depth),
          "--modes", mode, "--batch", str(args.batch), "--data", args.data,
          "--width", str(args.width), "--steps", str(args.steps),
-         "--skip_steps", args.skip_steps] + (["--remat"] if args.remat else [])
+         "--skip_steps", args.skip_steps, "--max_memory_gb", str(args.max_memory_gb)] + (
+             ["--remat"] if args.remat else [])
   start = time.perf_counter()
   try:
     proc = subprocess.run(cmd, env=worker_env(cache_dir, args.platform), capture_output=True,
-                          text=True, timeout=args.timeout, cwd=common.REPO,
-                          preexec_fn=_memory_cap(args.max_memory_gb))
+                          text=True, timeout=args.timeout, cwd=common.REPO)
   except subprocess.TimeoutExpired as e:
     output = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr
     return _failed(depth, mode, f"timed out after {args.timeout} s", output)
@@ -290,6 +286,7 @@ def main(argv=None) -> dict:
   skip = {tuple(p.split(":")) for p in args.skip_steps.split(",") if p}
   run_step = lambda depth, mode: (str(depth), mode) not in skip
   if args.worker:
+    cap_memory(args.max_memory_gb)   # before JAX starts
     row = measure(depths[0], modes[0], run_step=run_step(depths[0], modes[0]),
                   progress=sys.stderr, **kwargs)
     print(RESULT_TAG + json.dumps(row), flush=True)
