@@ -49,25 +49,29 @@ import common  # noqa: E402  (also puts the repository on sys.path)
 MODES = ("unrolled", "scanned", "scanned-slowconv")
 GOAL_DEPTH, GOAL_SECONDS = 1001, 20.0
 RESULT_TAG = "COMPILE_TIME_RESULT "
+PROGRESS_TAG = "COMPILE_TIME_PHASE "
 
 
 class _Clock:
   """Wall and process-CPU seconds of named phases."""
 
-  def __init__(self):
-    self.wall, self.cpu = {}, {}
+  def __init__(self, progress=None):
+    self.wall, self.cpu, self.progress = {}, {}, progress
 
   def run(self, name, fn, *args):
     w, c = time.perf_counter(), time.process_time()
     out = fn(*args)
     self.wall[name] = time.perf_counter() - w
     self.cpu[name] = time.process_time() - c
+    if self.progress:   # a case killed later (e.g. out of memory) still reports these
+      print(f"{PROGRESS_TAG}{json.dumps({name + ' s': self.wall[name]})}", file=self.progress,
+            flush=True)
     return out
 
 
 def measure(depth: int, mode: str, *, batch: int = 128, data: str = "synthetic",
             width: int = 16, steps: int = 3, remat: bool = False,
-            run_step: bool = True) -> dict:
+            run_step: bool = True, progress=None) -> dict:
   """One case, in this process: the phases' wall and CPU seconds (see the module doc)."""
   import jax
   from configs import cifar_resnet
@@ -89,7 +93,7 @@ def measure(depth: int, mode: str, *, batch: int = 128, data: str = "synthetic",
   if mode == "scanned-slowconv":  # the step as it was before the layout rewrite
     conv_layout_fn = conv_layout.canonicalize_convs
     conv_layout.canonicalize_convs = lambda fn: fn
-  clock = _Clock()
+  clock = _Clock(progress)
   try:
     mesh = parallelism.make_mesh(1)
     dataset = data_lib.load_dataset(config)
@@ -167,25 +171,55 @@ def worker_env(cache_dir: str | None = None, platform: str = "cpu") -> dict:
   return env
 
 
+def cap_memory(gigabytes: float) -> None:
+  """Caps this process's address space: on a shared machine a case that needs more memory
+  fails by itself (an allocation error) instead of waking the OOM killer."""
+  if gigabytes > 0:
+    import resource
+    limit = int(gigabytes * 2 ** 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def default_memory_gb() -> float:
+  try:
+    return 0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+  except (ValueError, OSError, AttributeError):
+    return 0.0
+
+
 def run_case(depth: int, mode: str, args, cache_dir: str | None = None) -> dict:
   """``measure`` in a fresh process; its row, or a row with the error."""
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--depths", str(depth),
          "--modes", mode, "--batch", str(args.batch), "--data", args.data,
          "--width", str(args.width), "--steps", str(args.steps),
-         "--skip_steps", args.skip_steps] + (["--remat"] if args.remat else [])
+         "--skip_steps", args.skip_steps, "--max_memory_gb", str(args.max_memory_gb)] + (
+             ["--remat"] if args.remat else [])
   start = time.perf_counter()
   try:
     proc = subprocess.run(cmd, env=worker_env(cache_dir, args.platform), capture_output=True,
                           text=True, timeout=args.timeout, cwd=common.REPO)
-  except subprocess.TimeoutExpired:
-    return {"depth": depth, "mode": mode, "error": f"timed out after {args.timeout} s"}
+  except subprocess.TimeoutExpired as e:
+    output = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr
+    return _failed(depth, mode, f"timed out after {args.timeout} s", output)
   for line in proc.stdout.splitlines():
     if line.startswith(RESULT_TAG):
       row = json.loads(line[len(RESULT_TAG):])
       row["process s"] = time.perf_counter() - start
       return row
-  tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-  return {"depth": depth, "mode": mode, "error": f"exit {proc.returncode}: {tail[0]}"}
+  return _failed(depth, mode, f"exit {proc.returncode}", proc.stderr or proc.stdout)
+
+
+def _failed(depth, mode, why, output) -> dict:
+  """The row of a case that did not finish: its error and the phases it completed."""
+  row = {"depth": depth, "mode": mode}
+  lines = (output or "").splitlines()
+  for line in lines:
+    if line.startswith(PROGRESS_TAG):
+      row.update(json.loads(line[len(PROGRESS_TAG):]))
+  last = [l for l in lines if l.strip() and not l.startswith(PROGRESS_TAG)][-1:] or [""]
+  done = ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k.endswith(" s")) or "none"
+  row["error"] = f"{why} (last message: {last[0][:120]!r}); phases completed: {done}"
+  return row
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -229,6 +263,9 @@ def parse_args(argv):
   p.add_argument("--skip_steps", default="",
                  help="depth:mode pairs (comma-separated) whose first and steady steps are not "
                       "run, e.g. 1001:unrolled (its activations do not fit in 23 GB)")
+  p.add_argument("--max_memory_gb", type=float, default=default_memory_gb(),
+                 help="address-space cap of each case's process (default: 75%% of RAM; "
+                      "0 = none)")
   p.add_argument("--timeout", type=float, default=3600, help="seconds per case")
   p.add_argument("--platform", default="cpu", help="JAX_PLATFORMS of the cases ('' = any)")
   p.add_argument("--warm_cache", action="store_true",
@@ -249,7 +286,9 @@ def main(argv=None) -> dict:
   skip = {tuple(p.split(":")) for p in args.skip_steps.split(",") if p}
   run_step = lambda depth, mode: (str(depth), mode) not in skip
   if args.worker:
-    row = measure(depths[0], modes[0], run_step=run_step(depths[0], modes[0]), **kwargs)
+    cap_memory(args.max_memory_gb)   # before JAX starts
+    row = measure(depths[0], modes[0], run_step=run_step(depths[0], modes[0]),
+                  progress=sys.stderr, **kwargs)
     print(RESULT_TAG + json.dumps(row), flush=True)
     return row
 

@@ -11,9 +11,10 @@ with a swapped kernel), so the backward pass of a scanned stack of convolutions
 
 :func:`canonicalize_convs` does that rewrite at the jaxpr level, where it reaches into
 ``scan``/``while``/``cond``/``jit``/``remat`` bodies: each non-canonical
-``conv_general_dilated`` becomes transpose → canonical convolution → transpose.  The result
-is numerically the same computation.  On GPU the rewrite is unnecessary (layout assignment
-handles it for every computation); callers apply it on CPU only.
+``conv_general_dilated`` becomes transpose → canonical convolution → transpose: the same
+computation (the fast kernel may sum in another order).  ``training.make_train_step``
+applies it to scanned CPU steps; GPUs and TPUs choose convolution layouts in every
+computation themselves.
 """
 
 from __future__ import annotations
