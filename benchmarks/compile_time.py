@@ -315,7 +315,9 @@ def main(argv=None) -> dict:
   if not ok:
     print("\nno case finished: " + "; ".join(f"{r['depth']} {r['mode']}: {r['error']}"
                                             for r in rows))
-    return {"rows": rows, "ratios": [], "args": vars(args)}
+    result = {"rows": rows, "ratios": [], "args": vars(args)}
+    common.write_json(args.json, result)
+    return result
   common.print_table(f"Cold start of the CIFAR ResNet train step (batch {args.batch}, "
                      f"{args.data}, 1 device; seconds)", ok, COLUMNS)
   common.print_table("Initializer phases (seconds)", ok, INIT_COLUMNS)

@@ -17,9 +17,10 @@ for every variant, batch 64, 8x8 digit inputs, periodic boundaries, exact BN tan
 * ``forward + jvp``: that pass carrying dx by ``jax.jvp`` (the draw minus per-unit init,
   statistics and rescaling).
 
-``x forward`` is a row's time per draw over the forward pass's.  The first call (compile)
-is reported separately (``compile s``); the others are medians over ``--repeats`` runs of
-all draws.  The authors' moments-dnns reports no timings (SPEC.md and the seeds quote none),
+``x forward`` is a row's time per draw over the forward pass's.  The first call (compile +
+one draw) is reported separately (``compile s``); then ``--repeats`` rounds time every row
+once over all draws (interleaved, so the rows see the same machine load), and the medians
+are reported.  The authors' moments-dnns reports no timings (SPEC.md and the seeds quote none),
 so there is no published throughput to compare with.
 """
 
@@ -83,37 +84,32 @@ def reference_functions(variant, config):
   return forward, forward_jvp
 
 
-def _time_draws(fn, keys, repeats):
-  """(compile + first pass seconds, median seconds of a pass over all keys)."""
-  def run_all():
-    return [fn(keys[i]) for i in range(keys.shape[0])]
-  start = time.perf_counter()
-  jax.block_until_ready(fn(keys[0]))
-  first = time.perf_counter() - start
-  return first, common.median(common.time_calls(run_all, warmup=0, repeats=repeats))
-
-
 def variant_rows(name, variant, config, args) -> list[dict]:
   from resnorm_jax.analysis import common as analysis_common, moments
   keys = analysis_common.draw_keys(config.seed, config.draws)
   layers = moments.num_units(variant, config) * moments.CONVS_PER_UNIT
   n = config.draws
-
-  # The analysis as resnorm-analyze runs it: first run_draws call compiles.
-  draw = moments.draw_function(variant, config)
-  start = time.perf_counter()
-  analysis_common.run_draws(draw, keys[:1], 1)
-  first = time.perf_counter() - start
-  draw_s = common.median(common.time_calls(
-      lambda: analysis_common.run_draws(draw, keys, 1), warmup=0, repeats=args.repeats))
-  timed = {"moments draw": (first, draw_s)}
-  forward, forward_jvp = reference_functions(variant, config)
-  timed["forward"] = _time_draws(jax.jit(forward), keys, args.repeats)
-  timed["forward + jvp"] = _time_draws(jax.jit(forward_jvp), keys, args.repeats)
-  per_forward = timed["forward"][1] / n
+  draw = moments.draw_function(variant, config)   # run as resnorm-analyze runs it
+  forward, forward_jvp = (jax.jit(f) for f in reference_functions(variant, config))
+  passes = {
+      "moments draw": (lambda k: analysis_common.run_draws(draw, k[None], 1),
+                       lambda: analysis_common.run_draws(draw, keys, 1)),
+      "forward": (forward, lambda: [forward(keys[i]) for i in range(n)]),
+      "forward + jvp": (forward_jvp, lambda: [forward_jvp(keys[i]) for i in range(n)]),
+  }
+  compile_s, times = {}, {row: [] for row in passes}
+  for row, (one, _) in passes.items():   # the first call compiles
+    start = time.perf_counter()
+    jax.block_until_ready(one(keys[0]))
+    compile_s[row] = time.perf_counter() - start
+  for _ in range(args.repeats):          # rounds: every row once per round (same load)
+    for row, (_, all_draws) in passes.items():
+      times[row] += common.time_calls(all_draws, warmup=0, repeats=1)
+  per_forward = common.median(times["forward"]) / n
   rows = []
-  for row, (compile_s, total) in timed.items():
-    rows.append({"variant": name, "row": row, "compile s": compile_s, "s / draw": total / n,
+  for row in passes:
+    total = common.median(times[row])
+    rows.append({"variant": name, "row": row, "compile s": compile_s[row], "s / draw": total / n,
                  "draws·layers/s": n * layers / total, "x forward": total / n / per_forward})
   return rows
 
@@ -126,7 +122,7 @@ def parse_args(argv):
   p.add_argument("--units", type=int, default=50, help="units (2 conv layers each)")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--draws", type=int, default=8)
-  p.add_argument("--repeats", type=int, default=3, help="timed passes over all draws")
+  p.add_argument("--repeats", type=int, default=5, help="timed rounds over all draws")
   p.add_argument("--json", default=None)
   return p.parse_args(argv)
 
