@@ -36,7 +36,7 @@ from resnorm_jax.experiments import load_config_module  # noqa: E402
 from resnorm_jax.summary import model_summary  # noqa: E402
 
 
-def make_config(depth: int, batch: int, dtype: str):
+def make_config(depth: int, batch: int, dtype: str, scan_stages: bool = False):
   cfg = load_config_module(os.path.join(common.REPO, "configs", "cifar_resnet.py")).get_config(
       "resnet110")  # He et al.'s recipe; any basic-unit depth 6n+2
   cfg.model.depth = depth
@@ -46,6 +46,7 @@ def make_config(depth: int, batch: int, dtype: str):
   cfg.train.batch_size = batch
   cfg.train.nesterov = True
   cfg.model.dtype = dtype
+  cfg.model.scan_stages = scan_stages
   cfg.parallel.num_devices = 1
   return cfg
 
@@ -196,6 +197,8 @@ def main(argv=None) -> dict:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--scan_stages", action="store_true",
+                 help="also time the framework step with model.scan_stages=true")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
   p.add_argument("--peak_sizes", default="1024,2048",
                  help="square matmul sizes for the measured peak")
@@ -204,6 +207,9 @@ def main(argv=None) -> dict:
 
   cfg = make_config(args.depth, args.batch, args.dtype)
   steps = {"framework": FrameworkStep(cfg), "bare jit": BareStep(cfg)}
+  if args.scan_stages:
+    steps["framework, scanned stages"] = FrameworkStep(
+        make_config(args.depth, args.batch, args.dtype, scan_stages=True))
   torch = None if args.no_torch else common.torch_or_none()
   torch_params = None
   if torch is not None:
