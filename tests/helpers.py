@@ -1,6 +1,7 @@
 """Shared test helpers: tiny image configs, running steps, reading a finished run's state,
 tiny CLI settings."""
 
+import importlib.util
 import json
 import os
 
@@ -98,3 +99,12 @@ CLI_TINY = ["--config.model.depth=8", "--config.model.width=4",
             "--config.parallel.num_devices=1"]
 
 
+
+
+def load_benchmark(name):
+  """Imports ``benchmarks/<name>.py`` (benchmarks/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(
+      f"benchmark_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

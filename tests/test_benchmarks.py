@@ -2,20 +2,11 @@
 
 import importlib.util
 import json
-import os
 
 import jax
 import pytest
 
-from tests.helpers import REPO
-
-
-def load_script(name):
-  spec = importlib.util.spec_from_file_location(
-      f"benchmark_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from tests.helpers import load_benchmark as load_script
 
 
 # Tiny programs run a few times: trade XLA code quality for compile time.  The optimization

@@ -1,23 +1,13 @@
 """Smoke tests of benchmarks/compile_time.py, input_pipeline.py and moments_throughput.py:
 each main() runs end to end on tiny settings, so none rots."""
 
-import importlib.util
 import json
 import math
-import os
 
 import jax
 import pytest
 
-from helpers import REPO
-
-
-def load_script(name):
-  spec = importlib.util.spec_from_file_location(
-      f"benchmark_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from helpers import load_benchmark as load_script
 
 
 @pytest.fixture

@@ -1,18 +1,8 @@
 """Smoke tests of the ResNet benchmark scripts: tiny settings, end to end, so they can't rot."""
 
-import importlib.util
-import pathlib
-
 import pytest
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name):
-  spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from helpers import load_benchmark as load
 
 
 def test_resnet_step_benchmark_runs_and_counts_the_same_parameters(tmp_path, capsys):

@@ -16,7 +16,6 @@ Three registries compose into every residual design of the seeds:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
