@@ -40,6 +40,25 @@ def time_calls(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5,
   return times
 
 
+def interleaved_rounds(contestants: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]],
+                       *, warmup: int, repeats: int):
+  """Times several ``name -> (fn, sync)`` round-robin, one call of each per round, so that
+  background load hits all alike.  Returns ``(first_call_s, times_s)``: each one's first call
+  (compilation included), and its seconds per call over ``repeats`` rounds after ``warmup``
+  calls in all (the first included)."""
+  first_call = {}
+  for name, (fn, sync) in contestants.items():
+    start = time.perf_counter()
+    time_calls(fn, warmup=1, repeats=0, sync=sync)
+    first_call[name] = time.perf_counter() - start
+    time_calls(fn, warmup=max(warmup - 1, 0), repeats=0, sync=sync)
+  times = {name: [] for name in contestants}
+  for _ in range(repeats):
+    for name, (fn, sync) in contestants.items():
+      times[name] += time_calls(fn, warmup=0, repeats=1, sync=sync)
+  return first_call, times
+
+
 def median(xs) -> float:
   return float(statistics.median(xs))
 

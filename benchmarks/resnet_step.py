@@ -175,21 +175,6 @@ class TorchStep:
     return loss
 
 
-def interleaved_times(steps: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
-  """Seconds per step of each callable, timed round-robin (one call of each per round)."""
-  import time
-  for fn in steps.values():
-    for _ in range(warmup):
-      common.block(fn())
-  times = {name: [] for name in steps}
-  for _ in range(repeats):
-    for name, fn in steps.items():
-      start = time.perf_counter()
-      common.block(fn())
-      times[name].append(time.perf_counter() - start)
-  return times
-
-
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--depth", type=int, default=110)
@@ -217,7 +202,8 @@ def main(argv=None) -> dict:
     steps["torch nchw"] = TorchStep(torch, args.depth, args.batch, False, args.dtype)
     torch_params = steps["torch nchw"].num_params
   jax_params = sum(x.size for x in jax.tree_util.tree_leaves(steps["bare jit"].state[0]))
-  times = interleaved_times(steps, args.warmup, args.repeats)
+  _, times = common.interleaved_rounds({k: (fn, common.block) for k, fn in steps.items()},
+                                      warmup=args.warmup, repeats=args.repeats)
 
   flops_per_step = 3 * forward_flops(cfg) * args.batch
   peak = common.matmul_peak_flops(

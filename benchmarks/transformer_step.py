@@ -47,7 +47,6 @@ import importlib.util
 import math
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -452,15 +451,8 @@ def main(argv=None) -> dict:
                          f"PyTorch {losses['pytorch']:.6f}")
 
   # Warm-up (the first call compiles), then interleaved rounds.
-  first_call, times = {}, {name: [] for name in contestants}
-  for name, (fn, sync) in contestants.items():
-    start = time.perf_counter()
-    common.time_calls(fn, warmup=1, repeats=0, sync=sync)
-    first_call[name] = time.perf_counter() - start
-    common.time_calls(fn, warmup=max(args.warmup - 1, 0), repeats=0, sync=sync)
-  for _ in range(args.repeats):
-    for name, (fn, sync) in contestants.items():
-      times[name] += common.time_calls(fn, warmup=0, repeats=1, sync=sync)
+  first_call, times = common.interleaved_rounds(contestants, warmup=args.warmup,
+                                                repeats=args.repeats)
 
   # The peaks again after the rounds, keeping the better: on a shared machine a single
   # measurement can catch a busy moment and overstate the MFU.

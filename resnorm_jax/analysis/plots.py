@@ -29,8 +29,11 @@ def _colors(n):
   return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _save(fig, workdir, name):
+def _save(fig, workdir, name, title=""):
+  """Writes ``fig`` (with ``title`` over its panels, when given) as ``workdir/name``."""
   path = os.path.join(workdir, name)
+  if title:
+    fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=150)
   _pyplot().close(fig)
@@ -60,9 +63,7 @@ def moments_figures(results: dict, workdir: str, title: str = "") -> list[str]:
   axes[1].set(xlabel="depth l (conv layers, log scale)", ylabel="log χ^l", xscale="log",
               title="log χ vs log l  (power law: a straight line)")
   axes[0].legend(fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  paths.append(_save(fig, workdir, "moments_chi.png"))
+  paths.append(_save(fig, workdir, "moments_chi.png", title))
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for (name, r), color in zip(variants.items(), colors):
@@ -136,9 +137,7 @@ def grad_scale_figures(results: dict, workdir: str, title: str = "") -> list[str
     axes[1].set(xlabel="unit l", ylabel="|∂L/∂θ_l|", yscale="log",
                 title="parameter gradient per unit")
     axes[0].legend(fontsize=7)
-    if title:
-      fig.suptitle(title, fontsize=9)
-    paths.append(_save(fig, workdir, "grad_scale_conv.png"))
+    paths.append(_save(fig, workdir, "grad_scale_conv.png", title))
   if results["transformer"]:
     tf = results["transformer"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -182,6 +181,4 @@ def layer_stats_figures(records: list[dict], workdir: str, title: str = "",
     ax.set(ylabel=label, yscale=scale, xlabel="layer" if section == "layers" else "unit")
   axes[1, 1].axhline(3.0, color="k", lw=0.6, ls="--")
   axes[0, 0].legend(fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  return [_save(fig, workdir, "layer_stats_depth.png")]
+  return [_save(fig, workdir, "layer_stats_depth.png", title)]
