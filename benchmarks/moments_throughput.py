@@ -7,7 +7,7 @@ One random draw of ``resnorm_jax.analysis.moments`` propagates a batch x and a p
 dx through a stack of freshly initialized conv units (``jax.jvp`` of each unit, statistics
 of both at every unit: χ, r_eff of signal and noise via the 128x128 covariance's
 eigenvalues, kurtosis).  Setting (fixed, overridable): width 128, 50 units (100 conv layers)
-for every variant, batch 64, 8x8 digit inputs, periodic boundaries, exact BN tangent,
+for every variant, batch 64, 8x8 positions (photo inputs), periodic boundaries, exact BN tangent,
 8 draws, one draw at a time (the CPU default).  Rows per variant:
 
 * ``moments draw``: ``moments.draw_function`` through ``analysis.common.run_draws`` as
@@ -53,7 +53,8 @@ def make_config(args):
 
 
 def reference_functions(variant, config):
-  """(forward(key), forward_jvp(key)): the stack with pre-initialized parameters."""
+  """(forward(key, *data), forward_jvp(key, *data)): the stack with pre-initialized
+  parameters; ``data`` is what the draws get (the input images, if any)."""
   from resnorm_jax.analysis import common as analysis_common, moments
   units = moments.num_units(variant, config)
   unit = moments.build_unit(variant, config.width, units)
@@ -67,13 +68,13 @@ def reference_functions(variant, config):
     with moments.boundary_context(config.boundary):
       return unit.apply(variables, h, train=True, mutable=["batch_stats"])[0]
 
-  def forward(key):
-    x, _ = moments.make_inputs(key, config)
+  def forward(key, *data):
+    x, _ = moments.make_inputs(key, config, *data)
     y, _ = lax.scan(lambda h, v: (apply(v, h), None), x, stacked)
     return jnp.mean(y)
 
-  def forward_jvp(key):
-    x, dx = moments.make_inputs(key, config)
+  def forward_jvp(key, *data):
+    x, dx = moments.make_inputs(key, config, *data)
 
     def body(carry, v):
       return jax.jvp(lambda h: apply(v, h), carry[:1], carry[1:]), None
@@ -90,12 +91,16 @@ def variant_rows(name, variant, config, args) -> list[dict]:
   layers = moments.num_units(variant, config) * moments.CONVS_PER_UNIT
   n = config.draws
   draw = moments.draw_function(variant, config)   # run as resnorm-analyze runs it
+  images = moments.input_images(config)
+  data = () if images is None else (jnp.asarray(images),)
   forward, forward_jvp = (jax.jit(f) for f in reference_functions(variant, config))
   passes = {
-      "moments draw": (lambda k: analysis_common.run_draws(draw, k[None], 1),
-                       lambda: analysis_common.run_draws(draw, keys, 1)),
-      "forward": (forward, lambda: [forward(keys[i]) for i in range(n)]),
-      "forward + jvp": (forward_jvp, lambda: [forward_jvp(keys[i]) for i in range(n)]),
+      "moments draw": (lambda k: analysis_common.run_draws(draw, k[None], 1, data=data),
+                       lambda: analysis_common.run_draws(draw, keys, 1, data=data)),
+      "forward": (lambda k: forward(k, *data),
+                  lambda: [forward(keys[i], *data) for i in range(n)]),
+      "forward + jvp": (lambda k: forward_jvp(k, *data),
+                        lambda: [forward_jvp(keys[i], *data) for i in range(n)]),
   }
   compile_s, times = {}, {row: [] for row in passes}
   for row, (one, _) in passes.items():   # the first call compiles

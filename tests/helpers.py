@@ -2,10 +2,13 @@
 tiny CLI settings."""
 
 import importlib.util
+import io
 import json
 import os
+import tarfile
 
 import jax
+import numpy as np
 
 from resnorm_jax import config as config_lib, data as data_lib, parallelism, training
 
@@ -108,3 +111,22 @@ def load_benchmark(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def cifar_records(n, label_bytes, num_classes, seed=0):
+  """n random CIFAR records in the official binary layout: (bytes, NHWC images, labels)."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, n).astype(np.uint8)
+  chw = rng.integers(0, 256, (n, 3, 32, 32)).astype(np.uint8)
+  prefix = [labels[:, None]] if label_bytes == 1 else [(labels // 5)[:, None], labels[:, None]]
+  blob = np.concatenate(prefix + [chw.reshape(n, -1)], axis=1).tobytes()
+  return blob, chw.transpose(0, 2, 3, 1), labels
+
+
+def write_tarball(path, members):
+  """A .tar.gz at ``path`` holding {member name: bytes}."""
+  with tarfile.open(path, "w:gz") as tar:
+    for name, blob in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(blob)
+      tar.addfile(info, io.BytesIO(blob))

@@ -13,6 +13,7 @@ import pytest
 
 from resnorm_jax.analysis import common, grad_scale, moments, shattering, stats
 from resnorm_jax.layers.registry import ConfigError
+from tests.helpers import cifar_records, write_tarball
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -230,13 +231,85 @@ def test_moments_config_errors():
     moments.validate(moments_config(tap_every=2))
   with pytest.raises(ConfigError, match="bn_tangent='exactly'.*valid choices: exact, frozen"):
     moments.validate(moments_config(bn_tangent="exactly"))
-  with pytest.raises(ConfigError, match="inputs='digits' are 8x8 images"):
-    moments.validate(moments_config(inputs="digits"))
+  with pytest.raises(ConfigError, match=r"'digits' are 8x8 images.*must divide 8.*\[1, 2, 4, 8\]"):
+    moments.validate(moments_config(inputs="digits", spatial=3))
+  with pytest.raises(ConfigError, match="'digits' has 1797 images: needs batch <= 1797"):
+    moments.validate(moments_config(inputs="digits", spatial=8, batch=1800))
+  with pytest.raises(ConfigError, match="needs spatial <= 213"):
+    moments.validate(moments_config(inputs="photos", spatial=300))
+  with pytest.raises(ConfigError, match="data_source='hub'.*auto, tfds, tarball"):
+    moments.validate(moments_config(data_source="hub"))
   import moments as moments_file   # configs/moments.py
   with pytest.raises(ConfigError, match="unknown variant 'huge'.*valid: tiny, cpu"):
     moments_file.get_config("huge")
   assert moments_file.get_config("paper,bn_res").variants == "bn_res"
   assert moments.expand_variants("archetypes,bn_ff") == list(moments.ARCHETYPES)
+
+
+def _circular_conv_stride(images, kernel, stride):
+  """Reference: a 3x3 convolution with wrap-around padding of 1, by explicit sums."""
+  _, h, w, _ = images.shape
+  out = np.zeros((images.shape[0], h // stride, w // stride, kernel.shape[-1]))
+  for i in range(0, h, stride):
+    for j in range(0, w, stride):
+      patch = images[:, [(i + a - 1) % h for a in range(3)]][:, :, [(j + b - 1) % w
+                                                                      for b in range(3)]]
+      out[:, i // stride, j // stride] = np.einsum("nabc,abcd->nd", patch, kernel)
+  return out
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_random_stem_is_a_periodic_convolution_of_signal_and_noise(stride):
+  images = np.asarray(jax.random.normal(jax.random.key(0), (2, 8, 8, 3)))
+  noise = np.asarray(jax.random.normal(jax.random.key(1), (2, 8, 8, 3)))
+  key = jax.random.key(2)
+  x, dx = moments.random_stem(key, images, noise, 5, stride, "periodic")
+  kernel = np.asarray(jax.random.normal(key, (3, 3, 3, 5))) / np.sqrt(27)
+  np.testing.assert_allclose(x, _circular_conv_stride(images, kernel, stride), atol=1e-4)
+  np.testing.assert_allclose(dx, _circular_conv_stride(noise, kernel, stride), atol=1e-4)
+  zero_x, _ = moments.random_stem(key, images, noise, 5, stride, "zero")
+  np.testing.assert_allclose(zero_x[:, 1:-1, 1:-1], x[:, 1:-1, 1:-1], atol=1e-5)
+  assert not np.allclose(zero_x[:, 0], x[:, 0])
+
+
+@pytest.mark.parametrize("inputs,spatial", [("photos", 4), ("digits", 4), ("gaussian", 4)])
+def test_inputs_are_normalized_batches_of_distinct_images(inputs, spatial):
+  config = moments_config(inputs=inputs, spatial=spatial, width=6, batch=16)
+  moments.validate(config)
+  images = moments.input_images(config)
+  x, dx = jax.jit(lambda k, *d: moments.make_inputs(k, config, *d))(
+      jax.random.key(3), *([] if images is None else [jnp.asarray(images)]))
+  assert x.shape == dx.shape == (16, spatial, spatial, 6)
+  np.testing.assert_allclose(stats.second_moment(stats.centre(x)), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(stats.second_moment(dx), 1.0, rtol=1e-5)
+  flat = np.asarray(x).reshape(16, -1)
+  assert len({tuple(np.round(r, 4)) for r in flat}) == 16    # no image drawn twice
+  if inputs == "photos":   # crops of 2·spatial pixels of the two photographs, stride 2
+    assert images.shape == (moments.PHOTO_CROPS, 8, 8, 3) and images.dtype == np.uint8
+    assert images.std(axis=(1, 2, 3)).std() > 5   # natural images: contrast varies
+  wrong = np.zeros((4, 8, 8, 1), np.float32) if images is None else None
+  with pytest.raises(ValueError, match="needs images=input_images"):
+    moments.make_inputs(jax.random.key(0), config, wrong)
+
+
+def test_cifar_inputs_read_the_training_images(tmp_path):
+  members = {}
+  for i in range(1, 6):
+    members[f"cifar-10-batches-bin/data_batch_{i}.bin"] = cifar_records(8, 1, 10, seed=i)[0]
+  members["cifar-10-batches-bin/test_batch.bin"] = cifar_records(2, 1, 10, seed=9)[0]
+  write_tarball(tmp_path / "cifar-10-binary.tar.gz", members)
+  config = moments_config(inputs="cifar10", data_dir=str(tmp_path), spatial=16, batch=32,
+                          width=4, variants="vanilla_ff,bn_res")
+  moments.validate(config)
+  assert moments.input_images(config).shape == (40, 32, 32, 3)
+  result = moments.run(config, log=lambda *_: None)
+  assert set(result["variants"]) == {"vanilla_ff", "bn_res"}
+  with pytest.raises(ConfigError, match="has 40 images: needs batch <= 40"):
+    moments.validate(moments_config(inputs="cifar10", data_dir=str(tmp_path), spatial=16,
+                                    batch=41))
+  with pytest.raises(ConfigError, match="no cifar-10-binary.tar.gz in data.data_dir"):
+    moments.validate(moments_config(inputs="cifar10", data_dir=str(tmp_path / "none"),
+                                    spatial=16))
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 import io
 import os
-import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import pytest
 
 from resnorm_jax import config as config_lib, data as data_lib
 from resnorm_jax.layers.registry import ConfigError
+from tests.helpers import cifar_records, write_tarball
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_step():
@@ -64,23 +64,6 @@ def test_digits_ship_with_the_package():
   assert set(np.unique(ds.test_labels)) == set(range(10))
 
 
-def _cifar_records(n, label_bytes, num_classes, seed=0):
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, num_classes, n).astype(np.uint8)
-  chw = rng.integers(0, 256, (n, 3, 32, 32)).astype(np.uint8)
-  prefix = [labels[:, None]] if label_bytes == 1 else [(labels // 5)[:, None], labels[:, None]]
-  blob = np.concatenate(prefix + [chw.reshape(n, -1)], axis=1).tobytes()
-  return blob, chw.transpose(0, 2, 3, 1), labels
-
-
-def _write_tarball(path, members):
-  with tarfile.open(path, "w:gz") as tar:
-    for name, blob in members.items():
-      info = tarfile.TarInfo(name)
-      info.size = len(blob)
-      tar.addfile(info, io.BytesIO(blob))
-
-
 def _config(name, data_dir):
   config = config_lib.base_config()
   config.data.name, config.data.data_dir = name, str(data_dir)
@@ -90,13 +73,13 @@ def _config(name, data_dir):
 def test_cifar10_binary_tarball(tmp_path):
   members, train_images, train_labels = {}, [], []
   for i in range(1, 6):
-    blob, images, labels = _cifar_records(4, 1, 10, seed=i)
+    blob, images, labels = cifar_records(4, 1, 10, seed=i)
     members[f"cifar-10-batches-bin/data_batch_{i}.bin"] = blob
     train_images.append(images)
     train_labels.append(labels)
-  test_blob, test_images, test_labels = _cifar_records(3, 1, 10, seed=9)
+  test_blob, test_images, test_labels = cifar_records(3, 1, 10, seed=9)
   members["cifar-10-batches-bin/test_batch.bin"] = test_blob
-  _write_tarball(tmp_path / "cifar-10-binary.tar.gz", members)
+  write_tarball(tmp_path / "cifar-10-binary.tar.gz", members)
   ds = data_lib.load_dataset(_config("cifar10", tmp_path))
   np.testing.assert_array_equal(ds.train_images, np.concatenate(train_images))
   np.testing.assert_array_equal(ds.train_labels, np.concatenate(train_labels))
@@ -106,9 +89,9 @@ def test_cifar10_binary_tarball(tmp_path):
 
 
 def test_cifar100_uses_fine_labels(tmp_path):
-  train, _, train_labels = _cifar_records(6, 2, 100, seed=1)
-  test, _, _ = _cifar_records(2, 2, 100, seed=2)
-  _write_tarball(tmp_path / "cifar-100-binary.tar.gz",
+  train, _, train_labels = cifar_records(6, 2, 100, seed=1)
+  test, _, _ = cifar_records(2, 2, 100, seed=2)
+  write_tarball(tmp_path / "cifar-100-binary.tar.gz",
                  {"cifar-100-binary/train.bin": train, "cifar-100-binary/test.bin": test})
   ds = data_lib.load_dataset(_config("cifar100", tmp_path))
   np.testing.assert_array_equal(ds.train_labels, train_labels)
@@ -121,10 +104,10 @@ def test_missing_cifar_says_how_to_get_it(tmp_path):
 
 
 def test_truncated_cifar_batch_is_reported(tmp_path):
-  blob, _, _ = _cifar_records(2, 1, 10)
+  blob, _, _ = cifar_records(2, 1, 10)
   members = {f"cifar-10-batches-bin/data_batch_{i}.bin": blob for i in range(1, 6)}
   members["cifar-10-batches-bin/test_batch.bin"] = blob[:-7]
-  _write_tarball(tmp_path / "cifar-10-binary.tar.gz", members)
+  write_tarball(tmp_path / "cifar-10-binary.tar.gz", members)
   with pytest.raises(ConfigError, match="truncated"):
     data_lib.load_dataset(_config("cifar10", tmp_path))
 

@@ -114,23 +114,28 @@ def draw_keys(seed: int, num_draws: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_draws))
 
 
-def run_draws(draw_fn: Callable, keys: jax.Array, draw_batch: int, *, label: str = "",
-              log: Callable[[str], None] | None = None, every_s: float = 30.0):
-  """Maps ``draw_fn(key) -> pytree`` over ``keys``; returns numpy arrays with a leading
-  draws axis.  ``draw_batch`` draws are vmapped together (the last chunk is padded)."""
+def run_draws(draw_fn: Callable, keys: jax.Array, draw_batch: int, *, data: tuple = (),
+              label: str = "", log: Callable[[str], None] | None = None,
+              every_s: float = 30.0):
+  """Maps ``draw_fn(key, *data) -> pytree`` over ``keys``; returns numpy arrays with a
+  leading draws axis.  ``draw_batch`` draws are vmapped together (the last chunk is padded).
+  ``data`` (e.g. an image set the draws sample from) is shared by every draw and passed as
+  an argument of the compiled function, never embedded in it as a constant."""
   n = keys.shape[0]
   batch = min(resolve_draw_batch(draw_batch), n)
-  fn = jax.jit(draw_fn) if batch == 1 else jax.jit(jax.vmap(draw_fn))
+  data = tuple(data)
+  fn = jax.jit(draw_fn if batch == 1 else
+               jax.vmap(draw_fn, in_axes=(0,) + (None,) * len(data)))
   chunks, done, start, last = [], 0, time.time(), time.time()
   while done < n:
     if batch == 1:
-      out = jax.tree_util.tree_map(lambda a: np.asarray(a)[None], fn(keys[done]))
+      out = jax.tree_util.tree_map(lambda a: np.asarray(a)[None], fn(keys[done], *data))
     else:
       chunk = keys[done:done + batch]
       if chunk.shape[0] < batch:
         pad = jnp.broadcast_to(chunk[-1:], (batch - chunk.shape[0],) + chunk.shape[1:])
         chunk = jnp.concatenate([chunk, pad])
-      out = jax.tree_util.tree_map(np.asarray, fn(chunk))
+      out = jax.tree_util.tree_map(np.asarray, fn(chunk, *data))
     take = min(batch, n - done)
     chunks.append(jax.tree_util.tree_map(lambda a: a[:take], out))
     done += take

@@ -42,10 +42,17 @@ positions stay distinguishable and hold r_eff of a collapsing net above 1 (at 8x
 
 Setting (Labatie's, moments-dnns): 3x3 convs, width 512, batch 64, 1000 draws, depth 200
 feed-forward layers (``ff_units`` = 100 two-conv units) and 500 residual units.  Inputs
-(``inputs``, see :func:`make_inputs`): i.i.d. Gaussian images of ``spatial`` x ``spatial``
-x ``width`` (default 8x8), or scikit-learn's 8x8 digits through a random conv (the authors
-fed CIFAR-10 through a random stride-2 conv, 16x16); dx is i.i.d. Gaussian; both are drawn
-per draw.  Depth is reported in conv layers (2 per basic unit): exponential rates are per
+(``inputs``, see :func:`make_inputs`): a batch of images through Labatie's input layer
+(per-channel standardization over the batch, then one random 3x3 conv of stride
+image size / ``spatial``), with dx the same conv of i.i.d. Gaussian image noise; the images
+are CIFAR-10/100 (``cifar10``: the authors' inputs, 32x32 -> 16x16; read from
+``data_dir`` like training data), crops of two photographs that ship with scikit-learn
+(``photos``, the default: natural images without a download), or scikit-learn's 8x8
+``digits``; or i.i.d. Gaussian ``spatial`` x ``spatial`` x ``width`` signal and noise
+(``gaussian``).  All are drawn anew per draw.  Which one matters for the nets without
+normalization: their r_eff collapses toward 1 through the variation of the feature norms
+between positions and images (a degree-1 homogeneous net keeps them while the directions
+align), which natural images have and i.i.d. Gaussian ones lack.  Depth is reported in conv layers (2 per basic unit): exponential rates are per
 conv layer, like the published ×1.17 per layer; power exponents do not depend on the unit
 of depth.
 """
@@ -65,6 +72,7 @@ import ml_collections
 import numpy as np
 from jax import lax
 
+from resnorm_jax import data as data_lib
 from resnorm_jax.analysis import common, stats
 from resnorm_jax.layers import (COMBINATORS, NORMS, SHORTCUTS, UNIT_ORDERINGS, Conv,
                                 ConvUnit, DepthInfo, NormContext)
@@ -72,7 +80,8 @@ from resnorm_jax.layers.registry import ConfigError
 
 BN_TANGENTS = ("exact", "frozen")
 BOUNDARIES = ("periodic", "zero")
-INPUTS = ("digits", "gaussian")
+INPUTS = ("photos", "cifar10", "cifar100", "digits", "gaussian")
+PHOTO_CROPS = 8192   # size of the fixed set of photo crops a draw samples its batch from
 STATS = ("log_chi", "reff_signal", "reff_noise", "kurtosis")
 CONVS_PER_UNIT = 2   # basic units: two 3x3 convolutions
 
@@ -154,7 +163,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.tap_every = 1            # statistics every k units (must divide the unit counts)
   c.draws = 10
   c.draw_batch = 0           # draws vmapped together; 0 = auto (1 on CPU, 8 on GPU)
-  c.inputs = "digits"        # digits (natural images through a random conv) | gaussian
+  c.inputs = "photos"        # photos | cifar10 | cifar100 | digits (images through a
+  #                            random conv) | gaussian
+  c.data_dir = ""            # cifar10/cifar100 inputs: as data.data_dir of training
+  c.data_source = "auto"     # cifar10/cifar100 inputs: auto | tfds | tarball
   c.boundary = "periodic"    # periodic (Labatie) | zero (the training models' padding)
   c.bn_tangent = "exact"     # exact | frozen (Labatie: BN divides by x's std)
   c.rescale = True           # rescale the signal of degree-1 homogeneous units
@@ -186,9 +198,8 @@ def validate(config) -> list[tuple[str, StackVariant]]:
   common.require_choice(config.bn_tangent, BN_TANGENTS, "bn_tangent")
   common.require_choice(config.boundary, BOUNDARIES, "boundary")
   common.require_choice(config.inputs, INPUTS, "inputs")
-  if config.inputs == "digits" and (config.spatial != 8 or config.batch > 1797):
-    raise ConfigError(f"inputs='digits' are 8x8 images, 1797 of them: needs spatial=8 and "
-                      f"batch <= 1797 (got spatial={config.spatial}, batch={config.batch})")
+  common.require_choice(config.data_source, data_lib.DATA_SOURCES, "data_source")
+  validate_inputs(config)
   if config.batch * config.spatial ** 2 < 2:
     raise ConfigError("batch * spatial² must be >= 2 (statistics need two positions)")
   variants = [(name, parse_variant(name)) for name in expand_variants(config.variants)]
@@ -234,34 +245,122 @@ def boundary_context(boundary: str):
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> np.ndarray:
-  """scikit-learn's 1797 handwritten digits (ship with the package: offline), (N, 8, 8, 1),
-  standardized over all pixels."""
+  """scikit-learn's 1797 handwritten digits (they ship with the package), (N, 8, 8, 1)."""
   from sklearn.datasets import load_digits
-  images = load_digits().images.astype(np.float32)[..., None]
-  return (images - images.mean()) / images.std()
+  return load_digits().images.astype(np.float32)[..., None]
 
 
-def make_inputs(key, config):
-  """x⁰ (batch, spatial, spatial, width), μ2(x̂⁰) = 1, and dx⁰ with μ2(dx⁰) = 1.
+def _photos() -> list[np.ndarray]:
+  """scikit-learn's two sample photographs (china.jpg, flower.jpg: 427x640x3 uint8; they
+  ship with the package)."""
+  from sklearn.datasets import load_sample_images
+  return list(load_sample_images().images)
 
-  ``gaussian``: i.i.d. N(0, 1) images.  ``digits``: ``batch`` distinct digits through a
-  random He-initialized 3x3 conv (1 -> width channels), and dx⁰ = the same conv applied to
-  i.i.d. N(0, 1) image noise (Labatie fed CIFAR-10 and its noise through a random stride-2
-  conv).  ``gaussian``: x⁰ and dx⁰ i.i.d. N(0, 1).
-  """
-  kx, kdx, kstem = jax.random.split(key, 3)
-  shape = (config.batch, config.spatial, config.spatial, config.width)
+
+@functools.lru_cache(maxsize=2)
+def _photo_crops(size: int, count: int = PHOTO_CROPS, seed: int = 0) -> np.ndarray:
+  """``count`` size x size crops at uniformly random places of the photographs (a fixed
+  set, like a data set): (count, size, size, 3) uint8."""
+  photos = _photos()
+  rng = np.random.default_rng(seed)
+  crops = np.empty((count, size, size, 3), np.uint8)
+  for i, which in enumerate(rng.integers(len(photos), size=count)):
+    photo = photos[which]
+    top = rng.integers(photo.shape[0] - size + 1)
+    left = rng.integers(photo.shape[1] - size + 1)
+    crops[i] = photo[top:top + size, left:left + size]
+  return crops
+
+
+@functools.lru_cache(maxsize=2)
+def _cifar_train_images(name: str, data_dir: str, source: str) -> np.ndarray:
+  """The training images of CIFAR-10/100, read as training reads them (data.load_cifar)."""
+  config = ml_collections.ConfigDict({"data": {"source": source, "data_dir": data_dir}})
+  return data_lib.load_cifar(name, config).train_images
+
+
+def input_images(config) -> np.ndarray | None:
+  """The set of images a draw samples its batch from, (N, S, S, C); None for ``gaussian``.
+
+  ``photos`` are crops of 2·spatial pixels, so their stem has stride 2 like Labatie's."""
+  if config.inputs == "gaussian":
+    return None
+  if config.inputs == "photos":
+    return _photo_crops(2 * config.spatial)
   if config.inputs == "digits":
-    images = jnp.asarray(_digits())
-    pick = jax.random.choice(kx, images.shape[0], (config.batch,), replace=False)
-    noise = jax.random.normal(kdx, (config.batch, 8, 8, 1), jnp.float32)
-    stem = Conv(config.width, 3)
-    variables = stem.init(kstem, images[:1])
-    with boundary_context(config.boundary):   # image and image noise through the stem
-      x, dx = stem.apply(variables, images[pick]), stem.apply(variables, noise)
-  else:
+    return _digits()
+  return _cifar_train_images(config.inputs, config.data_dir, config.data_source)
+
+
+def validate_inputs(config) -> None:
+  """ConfigError unless ``inputs`` can give ``batch`` images of ``spatial`` positions (reads
+  CIFAR: a missing data set is reported here, with how to get it)."""
+  if config.inputs == "photos":
+    largest = min(p.shape[0] for p in _photos()) // 2
+    if config.spatial > largest:
+      raise ConfigError(f"inputs='photos' crops 2·spatial pixels of photographs of height "
+                        f"{2 * largest + 1}: needs spatial <= {largest} (got "
+                        f"{config.spatial}); use inputs=gaussian for larger sizes")
+  images = input_images(config)
+  if images is None:
+    return
+  size, count = images.shape[1], images.shape[0]
+  if size % config.spatial:
+    valid = [s for s in range(1, size + 1) if size % s == 0]
+    raise ConfigError(f"inputs={config.inputs!r} are {size}x{size} images and the input "
+                      f"conv's stride is {size}/spatial: spatial must divide {size} (got "
+                      f"{config.spatial}; valid: {valid})")
+  if config.batch > count:
+    raise ConfigError(f"inputs={config.inputs!r} has {count} images: needs batch <= {count} "
+                      f"(got batch={config.batch})")
+
+
+def standardize_channels(images: jax.Array) -> jax.Array:
+  """Per channel over the batch and positions: zero mean, unit variance (Labatie's input
+  normalization).  Constant channels stay zero."""
+  x = stats.centre(images.astype(jnp.float32))
+  std = jnp.sqrt(jnp.mean(jnp.square(x), axis=(0, 1, 2), keepdims=True))
+  return x / jnp.where(std > 0, std, 1.0)
+
+
+def random_stem(key, images, noise, width: int, stride: int, boundary: str):
+  """Labatie's input layer for the signal and the noise alike: one random 3x3 convolution
+  to ``width`` channels with stride ``stride``, no bias, kernel ~ N(0, 1/fan_in) (LeCun:
+  no ReLU follows), over padding of one pixel that wraps around (``periodic``) or is zero."""
+  channels = images.shape[-1]
+  kernel = jax.random.normal(key, (3, 3, channels, width), jnp.float32) / math.sqrt(
+      9 * channels)
+  mode = "wrap" if boundary == "periodic" else "constant"
+
+  def conv(z):
+    z = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode)
+    return lax.conv_general_dilated(z, kernel, (stride, stride), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  return conv(images), conv(noise)
+
+
+def make_inputs(key, config, images=None):
+  """x⁰ (batch, spatial, spatial, width) with μ2(x̂⁰) = 1, and dx⁰ with μ2(dx⁰) = 1.
+
+  ``images`` (from :func:`input_images`; None for ``gaussian``): ``batch`` distinct images,
+  standardized per channel over the batch, and i.i.d. N(0, 1) image noise, both through
+  :func:`random_stem` (Labatie's pipeline: CIFAR-10 32x32 -> 16x16 with stride 2).
+  ``gaussian``: x⁰ and dx⁰ i.i.d. N(0, 1).
+  """
+  if (images is None) != (config.inputs == "gaussian"):
+    raise ValueError(f"inputs={config.inputs!r} needs images=input_images(config)")
+  kx, kdx, kstem = jax.random.split(key, 3)
+  if images is None:
+    shape = (config.batch, config.spatial, config.spatial, config.width)
     x = jax.random.normal(kx, shape, jnp.float32)
     dx = jax.random.normal(kdx, shape, jnp.float32)
+  else:
+    pick = jax.random.choice(kx, images.shape[0], (config.batch,), replace=False)
+    x = standardize_channels(jnp.asarray(images)[pick])
+    noise = jax.random.normal(kdx, x.shape, jnp.float32)
+    x, dx = random_stem(kstem, x, noise, config.width, images.shape[1] // config.spatial,
+                        config.boundary)
   return (x / jnp.sqrt(stats.second_moment(stats.centre(x))),
           dx / jnp.sqrt(stats.second_moment(dx)))
 
@@ -298,7 +397,8 @@ def is_homogeneous(variant: StackVariant, width: int) -> bool:
 
 
 def draw_function(variant: StackVariant, config):
-  """draw(key) -> {stat: (taps + 1,)} for one random network, input and perturbation."""
+  """draw(key, images=None) -> {stat: (taps + 1,)} for one random network, input and
+  perturbation; ``images`` = :func:`input_images` (None for ``gaussian`` inputs)."""
   units = num_units(variant, config)
   unit = build_unit(variant, config.width, units)
   width, k = config.width, config.tap_every
@@ -329,9 +429,9 @@ def draw_function(variant: StackVariant, config):
     carry, _ = lax.scan(one_unit, carry, tap * k + jnp.arange(k))
     return carry, tap_stats(*carry[:3])
 
-  def draw(key):
+  def draw(key, images=None):
     kin, kp = jax.random.split(key)
-    x, dx = make_inputs(kin, config)
+    x, dx = make_inputs(kin, config, images)
     zero = jnp.zeros((), jnp.float32)
     first = tap_stats(x, dx, zero)
     _, rest = lax.scan(one_tap, (x, dx, zero, kp), jnp.arange(units // k))
@@ -365,11 +465,13 @@ def run(config, log=print) -> dict:
   """Runs every variant; returns the JSON-ready results (see README "Diagnostics")."""
   variants = validate(config)
   keys = common.draw_keys(config.seed, config.draws)
+  images = input_images(config)
+  data = () if images is None else (jnp.asarray(images),)
   results = {}
   for name, variant in variants:
     start = time.time()
     per_draw = common.run_draws(draw_function(variant, config), keys, config.draw_batch,
-                                label=name, log=log)
+                                data=data, label=name, log=log)
     results[name] = summarize_variant(variant, config, per_draw, time.time() - start)
     f = results[name]["final"]
     log(f"  {name}: {results[name]['units']} units, {time.time() - start:.1f} s; last layer "
