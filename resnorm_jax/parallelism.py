@@ -50,7 +50,8 @@ def data_parallel(make_fn: Callable[[str | None], Callable], mode: str, mesh: Me
 
   The returned function takes ``num_replicated`` replicated arguments followed by
   ``num_sharded`` global batch arguments (leading batch axis) and returns replicated
-  outputs (pytrees whose values are identical on every replica).
+  outputs (pytrees whose values are identical on every replica), as global arrays over
+  ``mesh`` in every style and with any number of processes.
   """
   n = mesh.devices.size
   if mode == "jit":
@@ -70,7 +71,16 @@ def data_parallel(make_fn: Callable[[str | None], Callable], mode: str, mesh: Me
       fixed, batch = args[:num_replicated], args[num_replicated:]
       batch = jax.tree_util.tree_map(lambda a: a.reshape((n, a.shape[0] // n) + a.shape[1:]),
                                      batch)
-      return mapped(*fixed, *batch)
+      out = mapped(*fixed, *batch)
+      if jax.process_count() == 1:
+        return out
+      # With several processes, pmap takes global arrays but returns *host-local* ones
+      # (each process's copy, on its own devices only), which the next jit over the mesh
+      # (the next step's batch preparation, evaluation, beam search) refuses to mix with
+      # global arrays.  The outputs are replicated (identical on every replica), so each
+      # process's copy is its part of the global replicated array: declare them as such.
+      from jax.experimental import multihost_utils
+      return multihost_utils.host_local_array_to_global_array(out, mesh, P())
     return call
   raise ValueError(f"unknown parallel mode {mode!r}")
 

@@ -68,17 +68,17 @@ def run_steps_with_stats(config, steps=3, stats_at=(), initial=None):
 
 
 def read_state(workdir):
-  """The final state of a finished run, restored from its newest checkpoint."""
+  """The final state of a finished run (image or translation), restored from its newest
+  checkpoint onto one device."""
   config = config_lib.base_config()
   config.update_from_flattened_dict(
       {k: (tuple(v) if isinstance(v, list) else v) for k, v in _flatten(
           json.load(open(os.path.join(workdir, "config.json")))).items()})
   from resnorm_jax import checkpointing
-  dataset = data_lib.load_dataset(config)
-  task = training.build_task(config, dataset, parallelism.make_mesh(1))
+  job = training.make_job(config, parallelism.make_mesh(1))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3,
                                     every_steps=0)
-  step, state = ckpt.restore(training.abstract_state(task))
+  step, state = ckpt.restore(job.abstract_state())
   ckpt.close()
   return step, jax.device_get(state)
 

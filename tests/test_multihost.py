@@ -1,26 +1,33 @@
-"""Multi-process runs on 127.0.0.1 (launch/local.sh): the same math as one process."""
+"""Multi-process runs on 127.0.0.1 (launch/local.sh): the same math as one process, for the
+ResNet image task and the Transformer translation task (training, resume, beam-search BLEU)."""
 
+import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import chex
+import jax
+import numpy as np
 import pytest
 
 from helpers import CLI_TINY, REPO, read_state
+from resnorm_jax import training
+from resnorm_jax.metrics import read_metrics
 
 SINGLE = [f for f in CLI_TINY if not f.startswith("--config.parallel.num_devices")]
 
 
-def launch(num_processes, workdir, *flags, devices=4, port=None, wait=True):
+def launch(num_processes, workdir, *flags, devices=4, port=None, wait=True, base=SINGLE):
   env = dict(os.environ, DEVICES_PER_PROCESS=str(devices), PYTHON=sys.executable,
              PYTHONUNBUFFERED="1")
   if port:
     env["PORT"] = str(port)
   proc = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local.sh"),
-                           str(num_processes), f"--workdir={workdir}", *SINGLE, *flags],
+                           str(num_processes), f"--workdir={workdir}", *base, *flags],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True)
   if not wait:
@@ -77,3 +84,127 @@ def test_a_dead_process_stops_the_others_with_an_error(tmp_path):
   # JAX's coordination service (or our handler) names the cause instead of hanging.
   assert ("another task died" in survivor or "lost its peers" in survivor), survivor[-2000:]
   assert "launch/local.sh: process 1 exited with" in err
+
+
+# ----------------------------------------------------------------------------------------
+# Translation: configs/toy_translation.py at the size of tests/test_translation.py (a 2+2
+# layer d-32 Pre-LN Transformer, 300 toy pairs, global batches of 256 tokens over 8
+# devices), with 20 test sentences: two evaluation batches of 16 rows, the second mostly
+# padding, so one process holds only padding rows of it.
+# ----------------------------------------------------------------------------------------
+TRANSLATION = {
+    "model.vocab_size": 48, "model.max_len": 32, "translation.max_length": 16,
+    "translation.max_tokens": 256, "translation.beam_size": 2,
+    "translation.toy_train_size": 300, "translation.toy_test_size": 20,
+    "translation.toy_vocab": 12, "translation.toy_max_words": 3,
+    "train.warmup_steps": 4, "train.learning_rate": 0.01,
+    # Adam's eps 1e-4 instead of the recipe's 1e-9: gradients that are zero in theory (the
+    # attention key biases) are float noise whose sum order differs between one and two
+    # processes, and g/(sqrt(v) + 1e-9) would turn that noise into full-size updates.
+    "train.eps": 1e-4,
+    "train.log_every_steps": 1, "eval.every_steps": 0, "eval.batch_size": 16,
+    "checkpoint.every_steps": 1000,
+}
+TRANSLATION_CLI = ["--config=configs/toy_translation.py"] + [
+    f"--config.{k}={v}" for k, v in TRANSLATION.items()]
+TRAINED = 60   # steps after which the toy model's translations depend on the source
+
+
+def translation_config(**overrides):
+  """The config ``launch(..., base=TRANSLATION_CLI)`` runs, for a run in this process (one
+  process, the 8 devices of tests/conftest.py)."""
+  spec = importlib.util.spec_from_file_location(
+      "toy_translation", os.path.join(REPO, "configs", "toy_translation.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in {**TRANSLATION, **overrides}.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def train_here(workdir, steps, **overrides):
+  """A one-process run (or resume) in ``workdir``; returns its summary, state on the host."""
+  summary = training.train_and_evaluate(
+      translation_config(**{"train.steps": steps, **overrides}), str(workdir))
+  summary["state"] = jax.device_get(summary["state"])
+  return summary
+
+
+def translations(workdir, step):
+  with open(os.path.join(workdir, "translations", f"step_{step}.txt"), encoding="utf-8") as f:
+    return f.read().splitlines()
+
+
+def metric_lines(workdir, split):
+  return [m for m in read_metrics(str(workdir)) if m["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def trained_translation(tmp_path_factory):
+  """An uninterrupted one-process run of TRAINED steps: (workdir, summary)."""
+  workdir = tmp_path_factory.mktemp("translation") / "reference"
+  summary = train_here(workdir, TRAINED)
+  # The comparisons of decoded text below mean something only if the outputs differ.
+  assert len(set(translations(workdir, TRAINED))) >= 5, translations(workdir, TRAINED)
+  return workdir, summary
+
+
+def test_translation_two_processes_equal_one_process_and_resume_in_one(
+    tmp_path, trained_translation):
+  two, one = tmp_path / "two", tmp_path / "one"
+  out = launch(2, two, "--config.train.steps=4", port=13421, base=TRANSLATION_CLI)
+  assert "completed at step 4" in out
+  reference = train_here(one, 4)
+  step, state = read_state(two)
+  assert step == 4
+  chex.assert_trees_all_close(state.params, reference["state"].params, atol=2e-5, rtol=1e-4)
+  # Only process 0 writes metrics: one train line per step, one eval line; each process fed
+  # its slice of the same global token batches (same token counts, same losses).
+  train_two, train_one = metric_lines(two, "train"), metric_lines(one, "train")
+  assert [m["step"] for m in train_two] == [m["step"] for m in train_one] == [1, 2, 3, 4]
+  assert [m["tokens"] for m in train_two] == [m["tokens"] for m in train_one]
+  np.testing.assert_allclose([m["loss"] for m in train_two],
+                             [m["loss"] for m in train_one], rtol=1e-5)
+  evals = metric_lines(two, "eval")
+  assert [(m["step"], m["sentences"]) for m in evals] == [(4, 20)]
+  assert evals[0]["bleu"] == reference["eval"]["bleu"]
+  assert translations(two, 4) == translations(one, 4)
+  # The 2-process checkpoint continues in one process as if never interrupted.
+  reference_dir, uninterrupted = trained_translation
+  resumed = train_here(two, TRAINED)
+  assert (resumed["start_step"], resumed["step"]) == (4, TRAINED)
+  chex.assert_trees_all_close(resumed["state"].params, uninterrupted["state"].params,
+                              atol=5e-5, rtol=1e-4)
+  assert translations(two, TRAINED) == translations(reference_dir, TRAINED)
+  assert resumed["eval"]["bleu"] == uninterrupted["eval"]["bleu"]
+
+
+def test_translation_pmap_in_two_processes_continues_a_one_process_run_and_decodes_as_one(
+    tmp_path, trained_translation):
+  """A one-process checkpoint continues in 2 processes (pmap style), and their beam search,
+  gathered from both processes, decodes the source-dependent outputs of the trained model
+  exactly as one process does."""
+  reference_dir, _ = trained_translation
+  two, one = tmp_path / "two", tmp_path / "one"
+  for workdir in (two, one):
+    os.makedirs(workdir)
+    for name in ("config.json", "spm.model"):
+      shutil.copy(reference_dir / name, workdir / name)
+    shutil.copytree(reference_dir / "checkpoints", workdir / "checkpoints")
+  steps = TRAINED + 2
+  out = launch(2, two, f"--config.train.steps={steps}", "--config.parallel.mode=pmap",
+               port=13422, base=TRANSLATION_CLI)
+  assert f"completed at step {steps} (resumed from step {TRAINED})" in out
+  reference = train_here(one, steps)
+  assert reference["start_step"] == TRAINED
+  step, state = read_state(two)
+  assert step == steps
+  chex.assert_trees_all_close(state.params, reference["state"].params, atol=2e-5, rtol=1e-4)
+  assert [m["step"] for m in metric_lines(two, "train")] == [TRAINED + 1, steps]
+  evals = metric_lines(two, "eval")
+  assert [(m["step"], m["sentences"]) for m in evals] == [(steps, 20)]
+  assert evals[0]["bleu"] == reference["eval"]["bleu"]
+  decoded = translations(two, steps)
+  assert len(set(decoded)) >= 5 and decoded == translations(one, steps)
