@@ -3,7 +3,8 @@
 #
 #   launch/tpu_vm_pod.sh create
 #   launch/tpu_vm_pod.sh setup                  # copies this repo to every worker, installs it
-#   launch/tpu_vm_pod.sh run --config=configs/cifar_resnet.py:resnet1001 --workdir=gs://BUCKET/r1001
+#   launch/tpu_vm_pod.sh mount BUCKET           # gcsfuse: gs://BUCKET at /mnt/BUCKET everywhere
+#   launch/tpu_vm_pod.sh run --config=configs/cifar_resnet.py:resnet1001 --workdir=/mnt/BUCKET/r1001
 #   launch/tpu_vm_pod.sh logs                   # copies each worker's log to runs/tpu_logs/
 #   launch/tpu_vm_pod.sh delete
 #
@@ -11,8 +12,10 @@
 # accelerator type (v4-32 = 4 hosts, v5litepod-16 = 4 hosts, ...) and the TPU software version.
 # On TPU VMs jax.distributed finds the coordinator and process ids by itself
 # (resnorm-train --distributed=auto detects the pod), so every worker runs the same command.
-# The workdir should be a bucket (gs://...) or a disk every worker can reach: orbax writes
-# checkpoints from every host, metrics come from host 0.
+# The workdir must be a directory every worker reaches at the same path (orbax writes
+# checkpoints from every host, metrics come from host 0): a bucket mounted with `mount`, or a
+# shared disk (Filestore/NFS).  A gs:// URL is refused with this advice: runs write their
+# workdir with local file operations.
 set -euo pipefail
 PROJECT="${PROJECT:-my-gcp-project}"
 ZONE="${ZONE:-us-central2-b}"
@@ -36,6 +39,16 @@ case "$cmd" in
     on_all "mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf /tmp/resnorm_src.tgz && \
       cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
       .venv/bin/pip install -q -e . 'jax[tpu]'" ;;
+  mount)   # gs://BUCKET at /mnt/BUCKET on every worker (installs gcsfuse if missing)
+    bucket="${1:?usage: launch/tpu_vm_pod.sh mount BUCKET}"
+    on_all "command -v gcsfuse >/dev/null || { \
+        echo 'deb https://packages.cloud.google.com/apt gcsfuse-jammy main' | \
+          sudo tee /etc/apt/sources.list.d/gcsfuse.list && \
+        curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | \
+          sudo tee /etc/apt/trusted.gpg.d/gcsfuse.asc >/dev/null && \
+        sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; } && \
+      sudo mkdir -p /mnt/$bucket && sudo chown \$USER /mnt/$bucket && \
+      { mountpoint -q /mnt/$bucket || gcsfuse --implicit-dirs $bucket /mnt/$bucket; }" ;;
   run)
     args="$(printf '%q ' "$@")"
     on_all "cd $REMOTE_DIR && nohup .venv/bin/resnorm-train --distributed=on $args \
@@ -52,5 +65,5 @@ case "$cmd" in
   delete)
     g delete "$NAME" --quiet ;;
   *)
-    echo "usage: launch/tpu_vm_pod.sh create|setup|run [flags]|logs|stop|delete" >&2; exit 2 ;;
+    echo "usage: launch/tpu_vm_pod.sh create|setup|mount BUCKET|run [flags]|logs|stop|delete" >&2; exit 2 ;;
 esac

@@ -10,6 +10,7 @@ against the registries and the machine before anything is compiled or written, r
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Iterable
 
 import ml_collections
@@ -139,6 +140,26 @@ def _spec(registry, value, key, **context) -> None:
     registry.validate(value, **context)
   except ConfigError as e:
     raise ConfigError(f"{key}: {e}") from None
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def validate_workdir(workdir: str, flag: str = "--workdir") -> None:
+  """ConfigError for a URL workdir (``gs://``, ``s3://``, ...).
+
+  Checkpoints, metrics, the config and the tokenizer are written with local file
+  operations, which would silently turn ``gs://bucket/run`` into a local directory named
+  ``gs:`` on every host (lost with the VM).  A bucket is used through a mount instead."""
+  match = _URL.match(workdir or "")
+  if match:
+    bucket = workdir[match.end():].split("/", 1)[0] or "BUCKET"
+    raise ConfigError(
+        f"{flag}={workdir} is a URL, but runs write their workdir with local file "
+        f"operations. Mount the bucket on every host and pass the mount point, e.g. "
+        f"`gcsfuse --implicit-dirs {bucket} /mnt/{bucket}` then "
+        f"{flag}=/mnt/{workdir[match.end():]} (launch/tpu_vm_pod.sh mount {bucket} does "
+        f"this on every TPU worker), or use a disk every host shares (NFS, Filestore)")
 
 
 def validate_model(config: ml_collections.ConfigDict) -> None:

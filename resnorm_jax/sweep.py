@@ -3,7 +3,7 @@
     resnorm-sweep --config=configs/he2016_shortcuts.py --variants=identity,constant_0.5_1 \
         --workdir=runs/table1 --config.train.steps=2000      # overrides apply to every variant
     resnorm-sweep --config=configs/he2016_units.py --variants=all --workdir=runs/t2 --dry_run
-    resnorm-sweep --config=configs/he2016_preact.py --variants=all --workdir=gs://b/preact \
+    resnorm-sweep --config=configs/he2016_preact.py --variants=all --workdir=/mnt/b/preact \
         --print_commands                                     # one resnorm-train line each
 
 Each variant trains in ``<workdir>/<variant>`` with the same engine as ``resnorm-train``
@@ -245,11 +245,12 @@ def main(argv: list[str]) -> int:
     config_path = fv.config
     module = experiments.load_config_module(config_path)
     variants = select_variants(module, fv.variants, config_path)
+    from resnorm_jax import config as config_lib  # imports jax: after the flags are valid
+    config_lib.validate_workdir(fv.workdir)
     if fv.print_commands:
       for variant in variants:
         print(train_command(config_path, variant, fv.workdir or "runs/sweep", overrides))
       return 0
-    from resnorm_jax import config as config_lib  # imports jax: after the flags are valid
     import jax
     configs = {}
     for variant in variants:

@@ -379,6 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   the step at a given step number and the evaluation.
   """
   t0 = time.perf_counter()
+  config_lib.validate_workdir(workdir)
   config_lib.validate(config, jax.device_count())
   mesh = parallelism.make_mesh(config.parallel.num_devices)
   job = make_job(config, mesh)                          # a data error writes nothing

@@ -481,3 +481,11 @@ def test_cli_invalid_config_is_one_line_exit_2(tmp_path, flags, message):
   assert len(lines) == 1 and lines[0].startswith("resnorm-analyze: error:"), proc.stderr
   assert message in lines[0], lines[0]
   assert not (tmp_path / "out").exists()
+
+
+def test_cli_url_workdir_is_one_line_exit_2():
+  proc = analyze("--config=configs/moments.py:tiny", workdir="s3://bucket/moments")
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "--workdir=s3://bucket/moments is a URL" in lines[0], lines
+  assert not os.path.exists(os.path.join(REPO, "s3:"))

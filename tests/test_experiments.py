@@ -179,6 +179,9 @@ def test_sweep_print_commands_and_dry_run(capsys, tmp_path):
     (["--variants=identity", "--config.train.stps=3"], "no config key 'stps'"),
     (["--variants=identity", "--config.model.norm=grop"], "model.norm"),
     (["--variants=identity", "--bogus"], "bogus"),
+    (["--variants=identity", "--workdir=gs://b/sweep"], "--workdir=gs://b/sweep is a URL.*"
+                                                        "--workdir=/mnt/b/sweep"),
+    (["--variants=identity", "--workdir=gs://b/sweep", "--print_commands"], "is a URL"),
 ])
 def test_sweep_errors_are_one_line_exit_2(tmp_path, capsys, args, message):
   argv = ["resnorm-sweep", f"--config={SHORTCUTS}", f"--workdir={tmp_path}"] + args

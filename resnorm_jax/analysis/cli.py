@@ -21,6 +21,7 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
+from resnorm_jax import config as config_lib
 from resnorm_jax.layers.registry import ConfigError
 from resnorm_jax.train import PACKAGE_ROOT, describe_error, run_command
 
@@ -132,6 +133,10 @@ def main(argv):
   except ConfigError as e:
     fail(str(e))
   workdir = _FLAGS["workdir"].value or os.path.join("runs", config_name())
+  try:
+    config_lib.validate_workdir(workdir)
+  except ConfigError as e:
+    fail(str(e))
   os.makedirs(workdir, exist_ok=True)
   device = jax.devices()[0]
   log(f"{PROG}: {config.analysis} on {device.platform} ({device.device_kind}) -> {workdir}")
