@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Mapping
 
 
@@ -71,25 +70,27 @@ def read_metrics(workdir: str, filename: str = "metrics.jsonl") -> list[dict]:
 
 
 class Progress:
-  """A console progress bar with step/s, examples/s and ETA (tqdm), on process 0 only."""
+  """A console progress bar with step/s, the job's throughput and ETA (tqdm), on process 0
+  only."""
 
-  def __init__(self, total_steps: int, start_step: int, batch_size: int, *,
-               enabled: bool = True):
-    self.batch_size = batch_size
+  # Short labels for the throughputs jobs report ("examples_per_sec", "tokens_per_sec").
+  RATE_LABELS = {"examples_per_sec": "ex_s", "tokens_per_sec": "tok_s"}
+
+  def __init__(self, total_steps: int, start_step: int, *, enabled: bool = True):
     self._bar = None
-    self._start = time.perf_counter()
-    self._start_step = start_step
     if enabled:
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        file=sys.stderr, mininterval=1.0, smoothing=0.1)
 
-  def update(self, step: int, **postfix) -> None:
+  def update(self, step: int, rates: dict | None = None, **postfix) -> None:
+    """Advances to ``step``; ``rates`` are the throughputs measured over the last logging
+    window (``job.throughput``), shown as ``ex_s`` / ``tok_s``."""
     if self._bar is None:
       return
     self._bar.update(step - self._bar.n)
-    rate = self._bar.format_dict.get("rate") or 0.0
-    self._bar.set_postfix(ex_s=f"{rate * self.batch_size:.0f}", **postfix, refresh=False)
+    shown = {self.RATE_LABELS.get(k, k): f"{v:.0f}" for k, v in (rates or {}).items()}
+    self._bar.set_postfix(**shown, **postfix, refresh=False)
 
   def write(self, message: str) -> None:
     if self._bar is not None:

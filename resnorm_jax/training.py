@@ -405,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricWriter(workdir, enabled=_is_main_process())
   stats_every = t.layer_stats_every_steps
   call_order = job.layer_call_order() if stats_every and writer.enabled else []
-  progress = Progress(t.steps, start_step, t.batch_size, enabled=_is_main_process())
+  progress = Progress(t.steps, start_step, enabled=_is_main_process())
   history: list[dict] = []
   last_eval: dict[str, float] = {}
   status = "completed"
@@ -444,9 +444,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           elapsed = time.perf_counter() - tick
           train_time += elapsed
           summary["steps_per_sec"] = len(history) / elapsed
-          summary.update(job.throughput(summary, summary["steps_per_sec"]))
+          rates = job.throughput(summary, summary["steps_per_sec"])
+          summary.update(rates)
           writer.write(step, "train", summary)
-          progress.update(step, loss=f"{summary['loss']:.3f}")
+          progress.update(step, rates, loss=f"{summary['loss']:.3f}")
           history, tick = [], time.perf_counter()
         if config.eval.every_steps and step % config.eval.every_steps == 0 and step < t.steps:
           run_eval(step)

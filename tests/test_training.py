@@ -208,3 +208,16 @@ def test_optimizers_and_options_learn_digits(tmp_path, options):
   losses = [m["loss"] for m in read_metrics(str(tmp_path)) if m["split"] == "train"]
   assert losses[-1] < 0.5 * losses[0]
   assert summary["eval"]["accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("rates,shown,absent", [
+    ({"examples_per_sec": 2047.6}, "ex_s=2048", "tok_s"),
+    ({"tokens_per_sec": 1234.4}, "tok_s=1234", "ex_s"),   # translation: tokens, not examples
+])
+def test_progress_bar_shows_the_jobs_own_throughput(capsys, rates, shown, absent):
+  from resnorm_jax.metrics import Progress
+  progress = Progress(10, 0)
+  progress.update(5, rates, loss="1.000")
+  progress.close()
+  err = capsys.readouterr().err
+  assert shown in err and "loss=1.000" in err and absent not in err, err
