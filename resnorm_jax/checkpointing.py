@@ -384,6 +384,48 @@ def check_config_compatible(workdir: str, config_dict: Any,
         "to resume.")
 
 
+# What a resumed run may change without an error: every key of these sections except the
+# model (an error above) -- but only the RESUME_NEUTRAL ones leave the trajectory as it was.
+RESUME_SECTIONS = ("train", "data", "translation", "parallel.bn_sync")
+RESUME_NEUTRAL = frozenset({
+    "train.log_every_steps", "train.layer_stats_every_steps", "train.on_nonfinite",
+    "data.data_dir", "data.source", "translation.beam_size", "translation.length_penalty",
+    "translation.eval_max_sentences"})
+
+
+def resume_changes(workdir: str, config_dict: Any) -> list[str]:
+  """Lines ``key: checkpoint has X, this run has Y`` for the settings that differ from the
+  run that wrote ``<workdir>/config.json`` and change what the continuation computes
+  (optimizer, schedule and its length ``train.steps``, batch size, seed, data, token
+  batching, BatchNorm sync).  Such a resume is allowed (extending ``train.steps`` is the
+  usual one), but the result is the run of neither config alone.  [] without a config."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return []
+  current = json.loads(json.dumps(_plain(config_dict), default=_json_default))
+  lines = [line for key in RESUME_SECTIONS
+           for line in _diff(key, _lookup(saved, key), _lookup(current, key))]
+  return [line for line in lines if line.split(":", 1)[0] not in RESUME_NEUTRAL]
+
+
+def archive_config_json(workdir: str) -> str:
+  """Copies ``<workdir>/config.json`` to the first free ``config.before_resume_<n>.json``
+  (process 0) before a resume with changed settings overwrites it; returns that path."""
+  n = 1
+  while os.path.exists(os.path.join(workdir, f"config.before_resume_{n}.json")):
+    n += 1
+  target = os.path.join(workdir, f"config.before_resume_{n}.json")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_FILE)) as src:
+      text = src.read()
+    with open(target, "w") as dst:
+      dst.write(text)
+  return target
+
+
 _MISSING = object()
 
 

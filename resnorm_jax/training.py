@@ -384,10 +384,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallelism.make_mesh(config.parallel.num_devices)
   job = make_job(config, mesh)                          # a data error writes nothing
   config_dict = config.to_dict()
+  changes, previous_config = [], None
   if os.path.isdir(workdir):
     checkpointing.check_config_compatible(workdir, config_dict)
+    changes = checkpointing.resume_changes(workdir, config_dict)
 
   os.makedirs(workdir, exist_ok=True)
+  if changes:   # keep the config the checkpoint was trained with
+    previous_config = checkpointing.archive_config_json(workdir)
   checkpointing.save_config_json(workdir, config_dict)
   job.setup(workdir)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -406,6 +410,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stats_every = t.layer_stats_every_steps
   call_order = job.layer_call_order() if stats_every and writer.enabled else []
   progress = Progress(t.steps, start_step, enabled=_is_main_process())
+  if changes:
+    progress.write(
+        f"resuming {workdir} with settings that change the continuation (the result is the "
+        f"run of neither config alone; the earlier config is kept in {previous_config}):\n  "
+        + "\n  ".join(changes))
   history: list[dict] = []
   last_eval: dict[str, float] = {}
   status = "completed"
@@ -483,5 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "metrics": writer.path,
       "layer_stats": os.path.join(workdir, layer_stats_lib.FILENAME) if stats_every else None,
       "checkpoints": ckpt.directory,
+      "resume_changes": changes,          # settings changed on resume (see resume_changes)
+      "previous_config": previous_config,  # the config they replaced, kept
       "state": state,
   }

@@ -126,6 +126,29 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
     training.train_and_evaluate(tiny_config(**{"model.depth": 14}), str(tmp_path))
 
 
+def test_resume_with_changed_training_settings_says_so_and_keeps_the_old_config(tmp_path,
+                                                                                capsys):
+  config = tiny_config()
+  training.train_and_evaluate(config, str(tmp_path))
+  same = training.train_and_evaluate(config, str(tmp_path))      # an exact resume
+  assert same["resume_changes"] == [] and same["previous_config"] is None
+  first = json.loads((tmp_path / "config.json").read_text())
+  steps, lr = config.train.steps, config.train.learning_rate
+  changed = tiny_config(**{"train.steps": steps + 2, "train.learning_rate": lr / 2,
+                           "train.log_every_steps": 1, "translation.beam_size": 2})
+  capsys.readouterr()
+  summary = training.train_and_evaluate(changed, str(tmp_path))
+  assert summary["start_step"] == steps and summary["step"] == steps + 2
+  assert summary["resume_changes"] == [   # logging and decoding settings are not listed
+      f"train.learning_rate: checkpoint has {lr!r}, this run has {lr / 2!r}",
+      f"train.steps: checkpoint has {steps}, this run has {steps + 2}"]
+  assert summary["previous_config"] == str(tmp_path / "config.before_resume_1.json")
+  assert json.loads(open(summary["previous_config"]).read()) == first
+  assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == lr / 2
+  err = capsys.readouterr().err
+  assert "settings that change the continuation" in err and "train.learning_rate" in err
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = tiny_config(**{"model.norm": "none", "train.learning_rate": 1e9,
                           "train.steps": 12, "checkpoint.every_steps": 1})
