@@ -13,7 +13,7 @@ import pytest
 
 from resnorm_jax.analysis import common, grad_scale, moments, shattering, stats
 from resnorm_jax.layers.registry import ConfigError
-from tests.helpers import cifar_records, write_tarball
+from helpers import cifar_records, write_tarball
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))

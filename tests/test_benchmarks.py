@@ -6,7 +6,7 @@ import json
 import jax
 import pytest
 
-from tests.helpers import load_benchmark as load_script
+from helpers import load_benchmark as load_script
 
 
 # Tiny programs run a few times: trade XLA code quality for compile time.  The optimization

@@ -11,7 +11,7 @@ import pytest
 
 from resnorm_jax import config as config_lib, data as data_lib
 from resnorm_jax.layers.registry import ConfigError
-from tests.helpers import cifar_records, write_tarball
+from helpers import cifar_records, write_tarball
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_step():

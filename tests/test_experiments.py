@@ -11,7 +11,7 @@ import pytest
 from resnorm_jax import config as config_lib, experiments, models, sweep
 from resnorm_jax.layers.registry import ConfigError
 from resnorm_jax.models.resnet import resolve_block
-from tests.helpers import CLI_TINY, REPO
+from helpers import CLI_TINY, REPO
 
 CONFIGS = ("he2016_shortcuts", "he2016_units", "he2016_preact", "liu2020_resnet")
 

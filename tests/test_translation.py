@@ -197,7 +197,7 @@ def test_three_execution_styles_agree_on_a_translation_step(tmp_path, skip):
     ("rskip_ln2", "rskip_ln", 2.0)])
 def test_translation_configs_and_variants(variant, skip, lam):
   import importlib.util
-  from tests.helpers import REPO
+  from helpers import REPO
   for name, vocab in (("wmt14_ende_transformer", 37_000), ("iwslt15_envi_transformer", 16_000)):
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs",
                                                                      name + ".py"))
