@@ -59,6 +59,28 @@ def test_two_processes_equal_one_process_and_resume_in_one(tmp_path):
   chex.assert_trees_all_close(resumed.params, reference.params, atol=5e-5, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def one_process_three_steps(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("one_process")
+  launch(1, workdir, "--config.train.steps=3", devices=8, port=13416)
+  return read_state(workdir)
+
+
+@pytest.mark.parametrize("mode,port", [("shard_map", 13417), ("pmap", 13418)])
+def test_two_processes_equal_one_process_in_the_per_device_styles(tmp_path, mode, port,
+                                                                   one_process_three_steps):
+  # The explicit per-device programs (cross-replica BN by psum over processes); pmap with
+  # several processes once returned host-local outputs that failed the second step.
+  out = launch(2, tmp_path, "--config.train.steps=3", f"--config.parallel.mode={mode}",
+               port=port)
+  assert "completed at step 3" in out
+  step, state = read_state(tmp_path)
+  ref_step, ref = one_process_three_steps
+  assert step == ref_step == 3
+  chex.assert_trees_all_close(state.params, ref.params, atol=2e-5, rtol=1e-4)
+  chex.assert_trees_all_close(state.batch_stats, ref.batch_stats, atol=2e-5, rtol=1e-4)
+
+
 def test_a_dead_process_stops_the_others_with_an_error(tmp_path):
   proc = launch(2, tmp_path, "--config.train.steps=100000", "--heartbeat_timeout=10",
                 port=13415, wait=False)
