@@ -203,11 +203,12 @@ def test_translation_two_processes_equal_one_process_and_resume_in_one(
   assert resumed["eval"]["bleu"] == uninterrupted["eval"]["bleu"]
 
 
-def test_translation_pmap_in_two_processes_continues_a_one_process_run_and_decodes_as_one(
-    tmp_path, trained_translation):
-  """A one-process checkpoint continues in 2 processes (pmap style), and their beam search,
-  gathered from both processes, decodes the source-dependent outputs of the trained model
-  exactly as one process does."""
+@pytest.mark.parametrize("mode,port", [("pmap", 13422), ("shard_map", 13423)])
+def test_translation_per_device_styles_in_two_processes_continue_a_one_process_run(
+    tmp_path, trained_translation, mode, port):
+  """A one-process checkpoint continues in 2 processes (the per-device styles: pmap,
+  shard_map), and their beam search, gathered from both processes, decodes the
+  source-dependent outputs of the trained model exactly as one process does."""
   reference_dir, _ = trained_translation
   two, one = tmp_path / "two", tmp_path / "one"
   for workdir in (two, one):
@@ -216,8 +217,8 @@ def test_translation_pmap_in_two_processes_continues_a_one_process_run_and_decod
       shutil.copy(reference_dir / name, workdir / name)
     shutil.copytree(reference_dir / "checkpoints", workdir / "checkpoints")
   steps = TRAINED + 2
-  out = launch(2, two, f"--config.train.steps={steps}", "--config.parallel.mode=pmap",
-               port=13422, base=TRANSLATION_CLI)
+  out = launch(2, two, f"--config.train.steps={steps}", f"--config.parallel.mode={mode}",
+               port=port, base=TRANSLATION_CLI)
   assert f"completed at step {steps} (resumed from step {TRAINED})" in out
   reference = train_here(one, steps)
   assert reference["start_step"] == TRAINED
