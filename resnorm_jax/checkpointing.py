@@ -44,6 +44,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -364,18 +365,10 @@ def check_config_compatible(workdir: str, config_dict: Any,
   without ``config.json`` is compatible with anything.
   """
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  compared = _saved_and_current(workdir, config_dict)
+  if compared is None:
     return
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} is unreadable ({e}); restore or remove it, or use a fresh "
-                      "--workdir") from e
-  current = json.loads(json.dumps(_plain(config_dict), default=_json_default))
-  diffs = []
-  for key in _keys_to_compare(keys, saved, current):
-    diffs.extend(_diff(key, _lookup(saved, key), _lookup(current, key)))
+  diffs = _diff_keys(_keys_to_compare(keys, *compared), *compared)
   if diffs:
     raise ConfigError(
         f"the checkpoint in {workdir} was written with a different config:\n  "
@@ -399,16 +392,11 @@ def resume_changes(workdir: str, config_dict: Any) -> list[str]:
   (optimizer, schedule and its length ``train.steps``, batch size, seed, data, token
   batching, BatchNorm sync).  Such a resume is allowed (extending ``train.steps`` is the
   usual one), but the result is the run of neither config alone.  [] without a config."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
+  compared = _saved_and_current(workdir, config_dict)
+  if compared is None:
     return []
-  current = json.loads(json.dumps(_plain(config_dict), default=_json_default))
-  lines = [line for key in RESUME_SECTIONS
-           for line in _diff(key, _lookup(saved, key), _lookup(current, key))]
-  return [line for line in lines if line.split(":", 1)[0] not in RESUME_NEUTRAL]
+  return [line for line in _diff_keys(RESUME_SECTIONS, *compared)
+          if line.split(":", 1)[0] not in RESUME_NEUTRAL]
 
 
 def archive_config_json(workdir: str) -> str:
@@ -419,14 +407,31 @@ def archive_config_json(workdir: str) -> str:
     n += 1
   target = os.path.join(workdir, f"config.before_resume_{n}.json")
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_FILE)) as src:
-      text = src.read()
-    with open(target, "w") as dst:
-      dst.write(text)
+    shutil.copyfile(os.path.join(workdir, CONFIG_FILE), target)
   return target
 
 
 _MISSING = object()
+
+
+def _saved_and_current(workdir: str, config_dict: Any) -> tuple[Any, Any] | None:
+  """(``<workdir>/config.json``, ``config_dict``) as comparable plain JSON trees; None
+  without a saved config; ConfigError if it cannot be read."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is unreadable ({e}); restore or remove it, or use a fresh "
+                      "--workdir") from e
+  return saved, json.loads(json.dumps(_plain(config_dict), default=_json_default))
+
+
+def _diff_keys(keys: Iterable[str], saved: Any, current: Any) -> list[str]:
+  """:func:`_diff` lines for every dotted key of ``keys``."""
+  return [line for key in keys for line in _diff(key, _lookup(saved, key), _lookup(current, key))]
 
 
 def _keys_to_compare(keys: Iterable[str], saved: Any, current: Any) -> list[str]:

@@ -140,6 +140,18 @@ def test_tangent_equals_central_finite_difference(name):
   assert err < 2e-2, err
 
 
+def _circular_conv_stride(images, kernel, stride):
+  """Reference: a 3x3 convolution with wrap-around padding of 1, by explicit sums."""
+  _, h, w, _ = images.shape
+  out = np.zeros((images.shape[0], h // stride, w // stride, kernel.shape[-1]))
+  for i in range(0, h, stride):
+    for j in range(0, w, stride):
+      patch = images[:, [(i + a - 1) % h for a in range(3)]][:, :, [(j + b - 1) % w
+                                                                      for b in range(3)]]
+      out[:, i // stride, j // stride] = np.einsum("nabc,abcd->nd", patch, kernel)
+  return out
+
+
 def test_periodic_boundary_is_a_circular_convolution():
   from resnorm_jax.layers import Conv
   conv = Conv(4, 3)
@@ -147,13 +159,7 @@ def test_periodic_boundary_is_a_circular_convolution():
   variables = conv.init(jax.random.key(1), x)
   with moments.boundary_context("periodic"):
     y = np.asarray(conv.apply(variables, x))
-  xn, k = np.asarray(x), np.asarray(variables["params"]["kernel"])
-  ref = np.zeros_like(y)
-  for i in range(5):
-    for j in range(5):
-      for a in range(3):
-        for b in range(3):
-          ref[:, i, j] += xn[:, (i + a - 1) % 5, (j + b - 1) % 5] @ k[a, b]
+  ref = _circular_conv_stride(np.asarray(x), np.asarray(variables["params"]["kernel"]), 1)
   np.testing.assert_allclose(y, ref, atol=1e-5)
   with moments.boundary_context("zero"):   # the training models' padding: unchanged
     np.testing.assert_array_equal(conv.apply(variables, x), conv.apply(variables, x))
@@ -258,18 +264,6 @@ def test_moments_config_errors():
     moments_file.get_config("huge")
   assert moments_file.get_config("paper,bn_res").variants == "bn_res"
   assert moments.expand_variants("archetypes,bn_ff") == list(moments.ARCHETYPES)
-
-
-def _circular_conv_stride(images, kernel, stride):
-  """Reference: a 3x3 convolution with wrap-around padding of 1, by explicit sums."""
-  _, h, w, _ = images.shape
-  out = np.zeros((images.shape[0], h // stride, w // stride, kernel.shape[-1]))
-  for i in range(0, h, stride):
-    for j in range(0, w, stride):
-      patch = images[:, [(i + a - 1) % h for a in range(3)]][:, :, [(j + b - 1) % w
-                                                                      for b in range(3)]]
-      out[:, i // stride, j // stride] = np.einsum("nabc,abcd->nd", patch, kernel)
-  return out
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -52,9 +52,9 @@ are CIFAR-10/100 (``cifar10``: the authors' inputs, 32x32 -> 16x16; read from
 (``gaussian``).  All are drawn anew per draw.  Which one matters for the nets without
 normalization: their r_eff collapses toward 1 through the variation of the feature norms
 between positions and images (a degree-1 homogeneous net keeps them while the directions
-align), which natural images have and i.i.d. Gaussian ones lack.  Depth is reported in conv layers (2 per basic unit): exponential rates are per
-conv layer, like the published ×1.17 per layer; power exponents do not depend on the unit
-of depth.
+align), which natural images have and i.i.d. Gaussian ones lack.  Depth is reported in
+conv layers (2 per basic unit): exponential rates are per conv layer, like the published
+×1.17 per layer; power exponents do not depend on the unit of depth.
 """
 
 from __future__ import annotations
@@ -250,11 +250,12 @@ def _digits() -> np.ndarray:
   return load_digits().images.astype(np.float32)[..., None]
 
 
-def _photos() -> list[np.ndarray]:
+@functools.lru_cache(maxsize=1)
+def _photos() -> tuple[np.ndarray, ...]:
   """scikit-learn's two sample photographs (china.jpg, flower.jpg: 427x640x3 uint8; they
-  ship with the package)."""
+  ship with the package), decoded once."""
   from sklearn.datasets import load_sample_images
-  return list(load_sample_images().images)
+  return tuple(load_sample_images().images)
 
 
 @functools.lru_cache(maxsize=2)
