@@ -10,7 +10,7 @@ against the registries and the machine before anything is compiled or written, r
 from __future__ import annotations
 
 import difflib
-import re
+import math
 from typing import Any, Iterable
 
 import ml_collections
@@ -142,24 +142,10 @@ def _spec(registry, value, key, **context) -> None:
     raise ConfigError(f"{key}: {e}") from None
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 def validate_workdir(workdir: str, flag: str = "--workdir") -> None:
-  """ConfigError for a URL workdir (``gs://``, ``s3://``, ...).
-
-  Checkpoints, metrics, the config and the tokenizer are written with local file
-  operations, which would silently turn ``gs://bucket/run`` into a local directory named
-  ``gs:`` on every host (lost with the VM).  A bucket is used through a mount instead."""
-  match = _URL.match(workdir or "")
-  if match:
-    bucket = workdir[match.end():].split("/", 1)[0] or "BUCKET"
-    raise ConfigError(
-        f"{flag}={workdir} is a URL, but runs write their workdir with local file "
-        f"operations. Mount the bucket on every host and pass the mount point, e.g. "
-        f"`gcsfuse --implicit-dirs {bucket} /mnt/{bucket}` then "
-        f"{flag}=/mnt/{workdir[match.end():]} (launch/tpu_vm_pod.sh mount {bucket} does "
-        f"this on every TPU worker), or use a disk every host shares (NFS, Filestore)")
+  """ConfigError for a URL workdir (see :func:`resnorm_jax.workdir.check_not_url`)."""
+  from resnorm_jax import workdir as workdir_lib
+  workdir_lib.check_not_url(workdir, flag)
 
 
 def validate_model(config: ml_collections.ConfigDict) -> None:
@@ -177,11 +163,49 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
   models.validate_model_config(config)
 
 
+# Sections read by training (``published`` is only read by resnorm-sweep's table).
+VALIDATED_SECTIONS = ("model", "data", "parallel", "train", "eval", "translation",
+                      "checkpoint")
+MAX_SEED = 2**32 - 1
+
+
+def numeric_leaves(config: ml_collections.ConfigDict,
+                   sections: Iterable[str] = VALIDATED_SECTIONS) -> dict[str, Any]:
+  """``{"train.learning_rate": 0.1, ...}``: every int or float value (not bool) of
+  ``sections``, sequences element by element (``train.boundaries[0]``)."""
+  out = {}
+  for section in sections:
+    for key, value in config[section].items():
+      values = value if isinstance(value, (list, tuple)) else [value]
+      for i, v in enumerate(values):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          name = f"{section}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
+          out[name] = v
+  return out
+
+
+def check_numbers(config: ml_collections.ConfigDict, *, negatives: bool = True) -> None:
+  """Schema-wide rules: every number is finite and (with ``negatives``) >= 0 -- no key of the
+  schema has a meaning for nan, inf or a negative value -- and the seed fits in 32 bits.
+  :func:`validate` checks finiteness first and negatives last, after the per-key checks
+  whose messages say more."""
+  for key, value in numeric_leaves(config).items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"{key}={value!r} must be a finite number")
+    if negatives and value < 0:
+      kind = "integer" if isinstance(value, int) else "number"
+      raise ConfigError(f"{key}={value!r} must be a non-negative {kind}")
+  seed = config.train.seed
+  if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+    raise ConfigError(f"train.seed={seed!r} must be an integer in [0, {MAX_SEED}]")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ConfigError for the first invalid value; compiles and writes nothing."""
   from resnorm_jax import data as data_lib  # local: data imports optional loaders
 
   p, t = config.parallel, config.train
+  check_numbers(config, negatives=False)
   validate_model(config)
   _choice(p.mode, PARALLEL_MODES, "parallel.mode")
   _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
@@ -221,6 +245,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.eval.batch_size < 1:
     raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be a positive integer")
   _positive(t.learning_rate, "train.learning_rate")
+  _ranges(config)
   for key in ("weight_decay", "grad_clip_norm", "label_smoothing", "warmup_steps",
               "warmup_learning_rate", "momentum"):
     _positive(t[key], f"train.{key}", allow_zero=True)
@@ -237,6 +262,34 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     validate_translation(config, requested)
   else:
     data_lib.validate_data_config(config)
+  check_numbers(config)
+
+
+def _in_range(value, key: str, low: float, high: float, *, closed_high: bool = True,
+              open_low: bool = False) -> None:
+  ok = (value > low if open_low else value >= low) and (
+      value <= high if closed_high else value < high)
+  if not ok:
+    interval = (f"{'(' if open_low else '['}{low:g}, {high:g}{']' if closed_high else ')'}")
+    raise ConfigError(f"{key}={value!r} must be in {interval}")
+
+
+def _ranges(config: ml_collections.ConfigDict) -> None:
+  """Keys whose valid values are an interval (nan, inf and negatives are refused for every
+  key by :func:`check_numbers`)."""
+  m, t = config.model, config.train
+  _in_range(m.bn_momentum, "model.bn_momentum", 0, 1)
+  _in_range(m.bn_epsilon, "model.bn_epsilon", 0, math.inf, open_low=True)
+  if m.dropout_rate is not None:
+    _in_range(m.dropout_rate, "model.dropout_rate", 0, 1, closed_high=False)
+  _in_range(t.momentum, "train.momentum", 0, 1)
+  for key in ("b1", "b2"):
+    _in_range(t[key], f"train.{key}", 0, 1, closed_high=False)
+  if t.optimizer in ("adam", "adamw"):
+    _in_range(t.eps, "train.eps", 0, math.inf, open_low=True)
+  for key in ("synthetic_train_size", "synthetic_test_size"):
+    if config.data.name == "synthetic" and config.data[key] < 1:
+      raise ConfigError(f"data.{key}={config.data[key]!r} must be a positive integer")
 
 
 def validate_translation(config: ml_collections.ConfigDict, replicas: int) -> None:

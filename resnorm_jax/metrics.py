@@ -8,20 +8,29 @@ import os
 import sys
 from typing import Mapping
 
+from resnorm_jax import workdir as workdir_lib
+
 
 class MetricWriter:
   """Appends ``{"step", "split", ...scalars}`` lines to ``metrics.jsonl`` and TensorBoard.
 
-  Only the process that ``enabled`` writes (process 0 in multi-host runs).  Appending keeps
-  the metrics of earlier runs in the same workdir (a resumed run continues the file).
+  Only the process that ``enabled`` writes (process 0 in multi-host runs).  A resumed run
+  continues the file, which holds exactly one record per ``(step, split)`` (per ``step`` in
+  the other JSON-lines files): when the writer opens a file it drops a last line cut by a
+  crash and the records of steps after ``resume_step`` (the restored checkpoint's step:
+  the continuing run writes them again), and a record written again for an existing key
+  replaces the old one.  Each line is flushed when written.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
-    self.enabled, self.workdir = enabled, workdir
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
+               resume_step: int | None = None):
+    self.enabled, self.workdir, self.resume_step = enabled, workdir, resume_step
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._records: dict = {}
-    self._file = open(self.path, "a", buffering=1) if enabled else None
+    self._files: dict = {}   # filename -> open file
+    self._keys: dict = {}    # filename -> keys of the records in it
     self._tb = None
+    if enabled:
+      self._open("metrics.jsonl")
     if enabled and tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -29,12 +38,41 @@ class MetricWriter:
       except ImportError:  # TensorBoard output is optional; JSON lines always exist.
         self._tb = None
 
+  @staticmethod
+  def _key(filename: str, record: Mapping) -> tuple:
+    return ((record.get("step"), record.get("split")) if filename == "metrics.jsonl"
+            else (record.get("step"),))
+
+  def _open(self, filename: str):
+    """Repairs ``filename`` (see the class docstring) and opens it for appending."""
+    path = os.path.join(self.workdir, filename)
+    last = self.resume_step
+    workdir_lib.repair_jsonl(
+        path, keep=lambda r: last is None or int(r.get("step", 0)) <= last,
+        key=lambda r: self._key(filename, r))
+    self._keys[filename] = ({self._key(filename, r) for r in workdir_lib.read_jsonl(path)}
+                            if os.path.exists(path) else set())
+    self._files[filename] = open(path, "a", buffering=1)
+    return self._files[filename]
+
+  def _append(self, filename: str, record: dict) -> None:
+    key = self._key(filename, record)
+    f = self._files.get(filename) or self._open(filename)
+    if key in self._keys[filename]:  # written again (a re-evaluation): replace the old one
+      f.close()
+      workdir_lib.repair_jsonl(os.path.join(self.workdir, filename),
+                               keep=lambda r: self._key(filename, r) != key)
+      f = self._files[filename] = open(os.path.join(self.workdir, filename), "a",
+                                       buffering=1)
+    f.write(json.dumps(record) + "\n")
+    self._keys[filename].add(key)
+
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v)))
              for k, v in scalars.items()}
-    self._file.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
+    self._append("metrics.jsonl", {"step": int(step), "split": split, **clean})
     self._scalars(step, split, scalars)
 
   def write_record(self, filename: str, step: int, record: Mapping,
@@ -43,11 +81,17 @@ class MetricWriter:
     per-layer arrays), and the scalars ``tensorboard[split][name]`` as ``split/name``."""
     if not self.enabled:
       return
-    if filename not in self._records:
-      self._records[filename] = open(os.path.join(self.workdir, filename), "a", buffering=1)
-    self._records[filename].write(json.dumps({"step": int(step), **record}) + "\n")
+    self._append(filename, {"step": int(step), **record})
     for split, scalars in (tensorboard or {}).items():
       self._scalars(step, split, scalars)
+
+  def sync(self) -> None:
+    """Makes every record written so far durable (called when a checkpoint is saved)."""
+    for f in self._files.values():
+      f.flush()
+      os.fsync(f.fileno())
+    if self._tb is not None:
+      self._tb.flush()
 
   def _scalars(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     if self._tb is not None:
@@ -55,18 +99,17 @@ class MetricWriter:
         self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
   def close(self) -> None:
-    for f in [self._file, *self._records.values()]:
-      if f:
-        f.close()
-    self._file, self._records = None, {}
+    for f in self._files.values():
+      f.close()
+    self._files = {}
     if self._tb is not None:
       self._tb.close()
       self._tb = None
 
 
 def read_metrics(workdir: str, filename: str = "metrics.jsonl") -> list[dict]:
-  with open(os.path.join(workdir, filename)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The records of ``<workdir>/<filename>``; a last line cut by a crash is left out."""
+  return workdir_lib.read_jsonl(os.path.join(workdir, filename))
 
 
 class Progress:

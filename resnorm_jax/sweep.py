@@ -13,8 +13,11 @@ steps, final test error, the published error and the difference) and ``results.j
 rewritten; rows of variants run by earlier invocations on the same workdir are kept.
 
 ``--dry_run`` resolves and validates every variant's config and prints the plan, writing
-nothing.  Exit codes: 0 done, 2 invalid flags, config or variant name (nothing trained),
-143 preempted by SIGTERM (the results so far are written; rerun to resume).
+nothing.  Exit codes (``resnorm_jax/errors.py``): 0 done, 2 invalid flags, config, variant
+name or workdir (nothing trained), 4 a variant's workdir is locked by another run, 5
+storage failure, 70 internal error, 130 / 143 stopped by SIGINT / SIGTERM (the results so
+far are written; rerun to resume).  A diverging variant (exit 1 for resnorm-train) is
+recorded in the table and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -29,10 +32,8 @@ from typing import Any
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnorm_jax import experiments
-from resnorm_jax.layers.registry import ConfigError
-
-EXIT_USAGE, EXIT_PREEMPTED = 2, 143
+from resnorm_jax import errors, experiments
+from resnorm_jax.errors import ConfigError, EXIT_USAGE, EXIT_PREEMPTED
 OVERRIDE_PREFIX = "--config."
 
 
@@ -228,10 +229,10 @@ def sweep(config_path: str, variants: list[str], configs: dict, workdir: str,
     rows.append(result_row(variant, config, subdir, status, summary))
     if main_process:
       write_results(workdir, config_path, overrides, rows, order)
-    if status == "preempted":
-      print(f"resnorm-sweep: preempted during {variant}; rerun the same command to resume",
+    if status in ("preempted", "interrupted"):
+      print(f"resnorm-sweep: {status} during {variant}; rerun the same command to resume",
             file=sys.stderr)
-      return EXIT_PREEMPTED
+      return errors.exit_code_for_signal("SIGINT" if status == "interrupted" else "SIGTERM")
   if main_process:
     print(f"resnorm-sweep: results in {os.path.join(workdir, 'results.md')}")
     print(open(os.path.join(workdir, "results.md")).read())
@@ -247,6 +248,9 @@ def main(argv: list[str]) -> int:
     variants = select_variants(module, fv.variants, config_path)
     from resnorm_jax import config as config_lib  # imports jax: after the flags are valid
     config_lib.validate_workdir(fv.workdir)
+    if fv.workdir and not (fv.print_commands or fv.dry_run):
+      from resnorm_jax import workdir as workdir_lib
+      workdir_lib.check_workdir(fv.workdir, parent_must_exist=True)
     if fv.print_commands:
       for variant in variants:
         print(train_command(config_path, variant, fv.workdir or "runs/sweep", overrides))
@@ -272,8 +276,10 @@ def main(argv: list[str]) -> int:
             + (f" -> {os.path.join(fv.workdir, variant)}" if fv.workdir else ""))
     return 0
   logging.set_verbosity(logging.WARNING)
-  return sweep(config_path, variants, configs, fv.workdir, overrides,
-               tuple(module.VARIANTS))
+  from resnorm_jax.train import run_guarded, _PROG
+  _PROG[0] = "resnorm-sweep"
+  return run_guarded(lambda: sweep(config_path, variants, configs, fv.workdir, overrides,
+                                   tuple(module.VARIANTS)), fv.workdir)
 
 
 def run():

@@ -4,10 +4,12 @@
         --config.model.norm=group:16 --config.parallel.bn_sync=local
 
 With no ``--config`` it runs ``configs/quickstart.py``.  A workdir that holds checkpoints
-resumes from the newest one.  Exit codes: 0 done, 1 non-finite loss (the last good
-checkpoint is kept), 2 invalid flags or config (nothing written), 3 another process of a
-multi-process run died, 143 preempted by SIGTERM after saving a checkpoint (rerun the same
-command to resume).
+resumes from the newest one.  Exit codes (``resnorm_jax/errors.py``): 0 done, 1 non-finite
+loss (the last good checkpoint is kept), 2 invalid flags, config, data or workdir (nothing
+written), 3 another process of a multi-process run died, 4 the workdir is locked by another
+run, 5 storage failure (disk full, read-only; the last complete checkpoint is kept), 70
+internal error, 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (rerun the
+same command to resume).
 
 Multi-process (several hosts, or several processes on one host): ``--coordinator_address``,
 ``--num_processes`` and ``--process_id``, or automatic detection on TPU VM pods, SLURM and
@@ -23,11 +25,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax import errors
+from resnorm_jax.errors import (EXIT_INTERNAL, EXIT_LOCKED, EXIT_NONFINITE, EXIT_PEER_LOST,
+                                EXIT_STORAGE, EXIT_USAGE, ConfigError)
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(PACKAGE_ROOT, "configs", "quickstart.py")
-EXIT_NONFINITE, EXIT_USAGE, EXIT_PEER_LOST, EXIT_PREEMPTED = 1, 2, 3, 143
 
 _FLAGS = {}
 
@@ -149,6 +152,13 @@ def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; use --config.<key>=<value> for overrides")
   logging.set_verbosity(logging.WARNING)
+  explicit = _FLAGS["workdir"].value is not None
+  workdir = _FLAGS["workdir"].value or default_workdir()
+  from resnorm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  try:  # the default runs/<name> may create runs/; an explicit parent must exist
+    workdir_lib.check_workdir(workdir, parent_must_exist=explicit)
+  except ConfigError as e:
+    fail(str(e))
   from resnorm_jax import parallelism  # imports jax: after flags are valid
   try:
     parallelism.initialize_distributed(
@@ -158,25 +168,50 @@ def main(argv):
   except ValueError as e:
     fail(str(e))
   from resnorm_jax import training
+  summary = run_guarded(lambda: training.train_and_evaluate(_FLAGS["config"].value, workdir),
+                        workdir)
   import jax
-  config = _FLAGS["config"].value
-  workdir = _FLAGS["workdir"].value or default_workdir()
+  if jax.process_index() == 0:
+    print_summary(summary)
+  if summary["status"] != "completed":
+    sys.exit(errors.exit_code_for_signal("SIGINT" if summary["status"] == "interrupted"
+                                         else "SIGTERM"))
+
+
+def run_guarded(fn, workdir: str):
+  """``fn()``, with every failure a user can cause turned into one line and its exit code
+  (``resnorm_jax/errors.py``); anything else is a bug: its traceback, then exit 70."""
+  import jax
   try:
-    summary = training.train_and_evaluate(config, workdir)
+    return fn()
   except ConfigError as e:
     fail(str(e))
-  except training.NonFiniteLossError as e:
+  except errors.NonFiniteLossError as e:
     fail(str(e), EXIT_NONFINITE)
+  except errors.WorkdirLockedError as e:
+    fail(str(e), EXIT_LOCKED)
+  except errors.StorageError as e:
+    fail(str(e), EXIT_STORAGE)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
-      raise
+      _internal_error(e)
     fail(f"process {jax.process_index()} lost its peers ({str(e).splitlines()[0][:300]}); "
          f"another process probably died. Checkpoints written so far are kept in {workdir}: "
          f"restart all processes with the same command to resume", EXIT_PEER_LOST)
-  if jax.process_index() == 0:
-    print_summary(summary)
-  if summary["status"] == "preempted":
-    sys.exit(EXIT_PREEMPTED)
+  except KeyboardInterrupt:  # commands without a checkpoint to save (analysis)
+    fail("interrupted (SIGINT); rerun the same command", errors.EXIT_INTERRUPTED)
+  except Exception as e:  # pylint: disable=broad-except
+    failure = errors.storage_error(e, workdir)
+    if failure is not None:
+      fail(f"{workdir}: {failure}; free space or fix the storage, then rerun", EXIT_STORAGE)
+    _internal_error(e)
+
+
+def _internal_error(error: BaseException):
+  import traceback  # pylint: disable=import-outside-toplevel
+  traceback.print_exception(error)
+  fail(f"internal error ({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}); "
+       "this is a bug: please report it with the traceback above", EXIT_INTERNAL)
 
 
 def run_command(prog: str, define, main_fn, flags_parser) -> None:

@@ -26,12 +26,10 @@ from jax import lax
 
 from resnorm_jax import checkpointing, config as config_lib, conv_layout, data as data_lib
 from resnorm_jax import layer_stats as layer_stats_lib, models, parallelism
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax import workdir as workdir_lib
+from resnorm_jax.errors import (ConfigError, NonFiniteLossError, StorageError,
+                                WorkdirLockedError, quiet_storage_logs, storage_error)
 from resnorm_jax.metrics import MetricWriter, Progress
-
-
-class NonFiniteLossError(RuntimeError):
-  """Training stopped because a step's loss or gradients were not finite."""
 
 
 @flax.struct.dataclass
@@ -289,7 +287,7 @@ def make_eval_step(task: Task) -> Callable:
 
 def evaluate(task: Task, eval_step, state, images, labels) -> dict[str, float]:
   n, replicas = labels.shape[0], task.mesh.devices.size
-  bs = -(-task.config.eval.batch_size // replicas) * replicas  # padded batches are masked
+  bs = -(-min(task.config.eval.batch_size, n) // replicas) * replicas  # padding is masked
   sharded = parallelism.batch_sharded(task.mesh)
   totals = np.zeros(3)
   for start in range(0, n, bs):
@@ -377,19 +375,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   The loop (checkpointing, metrics, preemption, non-finite handling) is shared by every task;
   a task (:class:`ImageJob`, ``translation_training.TranslationJob``) supplies the state,
   the step at a given step number and the evaluation.
+
+  Failure paths (each a one-line error, see ``resnorm_jax/errors.py`` for the exit codes):
+  bad config, data or workdir raise :class:`ConfigError` before anything is written; a
+  workdir another live run holds raises :class:`WorkdirLockedError` before anything is
+  written; a full, read-only or failing disk raises :class:`StorageError` (the last
+  complete checkpoint is kept); a non-finite loss raises :class:`NonFiniteLossError`.
+  SIGTERM and SIGINT save the current step and return with ``status`` ``"preempted"`` /
+  ``"interrupted"``; a second SIGINT exits at once.
   """
   t0 = time.perf_counter()
-  config_lib.validate_workdir(workdir)
-  config_lib.validate(config, jax.device_count())
-  mesh = parallelism.make_mesh(config.parallel.num_devices)
-  job = make_job(config, mesh)                          # a data error writes nothing
+  lock = workdir_lib.WorkdirLock(workdir)
+  with checkpointing.PreemptionGuard(sigint=True, on_abort=lock.release) as guard, \
+      quiet_storage_logs():
+    config_lib.validate_workdir(workdir)
+    config_lib.validate(config, jax.device_count())
+    workdir_lib.check_workdir(workdir, parent_must_exist=False)
+    mesh = parallelism.make_mesh(config.parallel.num_devices)
+    job = make_job(config, mesh)                          # a data error writes nothing
+    try:
+      _acquire(lock, workdir)
+      return _run(config, workdir, job, guard, t0)
+    except (ConfigError, NonFiniteLossError, WorkdirLockedError, StorageError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (classified, else re-raised)
+      failure = storage_error(e, workdir)
+      if failure is None:
+        raise
+      raise StorageError(f"{workdir}: {failure}; the last complete checkpoint is kept: "
+                         "free space or fix the storage, then rerun the same command to "
+                         "resume") from e
+    finally:
+      lock.release()
+
+
+def _acquire(lock: workdir_lib.WorkdirLock, workdir: str) -> None:
+  """Process 0 takes the workdir lock; every process learns whether it got it."""
+  error = None
+  if _is_main_process():
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      lock.acquire()
+    except WorkdirLockedError as e:
+      error = e
+    except OSError as e:
+      error = e
+  if parallelism.any_process(error is not None):
+    if error is None:
+      error = WorkdirLockedError(f"process 0 could not lock {workdir} (see its message)")
+    raise error
+
+
+def state_bytes(abstract) -> int:
+  """Bytes of a (abstract) train state: what one checkpoint of it stores."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(abstract))
+
+
+def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
+  """The loop of :func:`train_and_evaluate`, in a locked workdir."""
   config_dict = config.to_dict()
   changes, previous_config = [], None
-  if os.path.isdir(workdir):
-    checkpointing.check_config_compatible(workdir, config_dict)
-    changes = checkpointing.resume_changes(workdir, config_dict)
+  checkpointing.check_config_compatible(workdir, config_dict)
+  changes = checkpointing.resume_changes(workdir, config_dict)
+  abstract = job.abstract_state()
+  if _is_main_process():  # a save that cannot fit would fail after the first interval
+    workdir_lib.check_free_space(
+        workdir, workdir_lib.checkpoint_bytes_needed(state_bytes(abstract)))
 
-  os.makedirs(workdir, exist_ok=True)
   if changes:   # keep the config the checkpoint was trained with
     previous_config = checkpointing.archive_config_json(workdir)
   checkpointing.save_config_json(workdir, config_dict)
@@ -397,7 +450,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps)
-  restored = ckpt.restore(job.abstract_state())
+  try:
+    restored = ckpt.restore(abstract)
+  except BaseException:
+    ckpt.close()
+    raise
   if restored is None:
     state = job.init_state()
   else:
@@ -406,7 +463,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(parallelism.to_host(state.step))
 
   t = config.train
-  writer = MetricWriter(workdir, enabled=_is_main_process())
+  # Records after the restored step are dropped: the continuing run writes them again.
+  writer = MetricWriter(workdir, enabled=_is_main_process(), resume_step=start_step)
   stats_every = t.layer_stats_every_steps
   call_order = job.layer_call_order() if stats_every and writer.enabled else []
   progress = Progress(t.steps, start_step, enabled=_is_main_process())
@@ -436,49 +494,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"{ckpt.directory}. Lower train.learning_rate, set train.grad_clip_norm, or use "
           f"--config.train.on_nonfinite=skip")
 
+  def save(step, force=False):
+    if ckpt.save(step, state, force=force):
+      writer.sync()   # the metrics up to a checkpoint are as durable as the checkpoint
+
   try:
-    with checkpointing.PreemptionGuard() as guard:
-      step = start_step
-      tick = time.perf_counter()
-      while step < t.steps:
-        with_stats = stats_every > 0 and (step + 1) % stats_every == 0
-        state, metrics = job.step(state, step, layer_stats=with_stats)
-        if with_stats:
-          layer_stats_lib.write(writer, step + 1, metrics.pop("layer_stats"), call_order)
-        history.append(metrics)
-        step += 1
-        if step % t.log_every_steps == 0 or step == t.steps:
-          check_finite(step)
-          summary = _mean_metrics(history)
-          elapsed = time.perf_counter() - tick
-          train_time += elapsed
-          summary["steps_per_sec"] = len(history) / elapsed
-          rates = job.throughput(summary, summary["steps_per_sec"])
-          summary.update(rates)
-          writer.write(step, "train", summary)
-          progress.update(step, rates, loss=f"{summary['loss']:.3f}")
-          history, tick = [], time.perf_counter()
-        if config.eval.every_steps and step % config.eval.every_steps == 0 and step < t.steps:
-          run_eval(step)
-        if ckpt.should_save(step):
-          check_finite(step)
-          ckpt.save(step, state)
-        if parallelism.any_process(guard.requested):  # all processes save the same step
-          check_finite(step)
-          ckpt.save(step, state, force=True)
-          status = "preempted"
-          progress.write(f"SIGTERM received: saved the checkpoint of step {step}; rerun the "
-                         "same command to resume")
-          break
-      if status == "completed":
+    step = start_step
+    tick = time.perf_counter()
+    while step < t.steps and not parallelism.any_process(guard.requested):
+      with_stats = stats_every > 0 and (step + 1) % stats_every == 0
+      state, metrics = job.step(state, step, layer_stats=with_stats)
+      if with_stats:
+        layer_stats_lib.write(writer, step + 1, metrics.pop("layer_stats"), call_order)
+      history.append(metrics)
+      step += 1
+      if step % t.log_every_steps == 0 or step == t.steps:
         check_finite(step)
+        summary = _mean_metrics(history)
+        elapsed = time.perf_counter() - tick
+        train_time += elapsed
+        summary["steps_per_sec"] = len(history) / elapsed
+        rates = job.throughput(summary, summary["steps_per_sec"])
+        summary.update(rates)
+        writer.write(step, "train", summary)
+        progress.update(step, rates, loss=f"{summary['loss']:.3f}")
+        history, tick = [], time.perf_counter()
+      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < t.steps:
         run_eval(step)
-        ckpt.save(step, state, force=True)
-  finally:
+      if ckpt.should_save(step):
+        check_finite(step)
+        save(step)
+    if parallelism.any_process(guard.requested):  # all processes save the same step
+      check_finite(step)
+      save(step, force=True)
+      status = "interrupted" if guard.signal == "SIGINT" else "preempted"
+      progress.write(f"{guard.signal or 'signal'} received: saved the checkpoint of step "
+                     f"{step}; rerun the same command to resume")
+    else:
+      check_finite(step)
+      run_eval(step)
+      save(step, force=True)
     ckpt.wait()
-    ckpt.close()
-    progress.close()
-    writer.close()
+    writer.sync()
+  finally:
+    try:
+      ckpt.close()
+    finally:
+      progress.close()
+      writer.close()
 
   return {
       "status": status,

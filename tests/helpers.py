@@ -93,6 +93,17 @@ def _flatten(tree, prefix=""):
   return out
 
 
+def train_cli(workdir, *flags, tiny=True, **popen):
+  """``python -m resnorm_jax.train --workdir=... [CLI_TINY] flags`` as a Popen with text
+  pipes (unbuffered, so a test can watch its output)."""
+  import subprocess
+  import sys
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.Popen([sys.executable, "-m", "resnorm_jax.train", f"--workdir={workdir}",
+                           *(CLI_TINY if tiny else []), *flags], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
 CLI_TINY = ["--config.model.depth=8", "--config.model.width=4",
             "--config.data.synthetic_train_size=64", "--config.data.synthetic_test_size=32",
             "--config.train.batch_size=16", "--config.train.schedule=cosine",

@@ -16,7 +16,7 @@ import pytest
 from resnorm_jax import config as config_lib, training
 from resnorm_jax.layers.registry import ConfigError
 
-from helpers import CLI_TINY, REPO, read_state, run_steps, tiny_config
+from helpers import CLI_TINY, REPO, read_state, run_steps, tiny_config, train_cli as cli
 
 
 def assert_states_close(a, b, atol=2e-5):
@@ -69,14 +69,9 @@ def test_weight_decay_skips_norm_parameters_and_biases():
       "scale": False, "bias": False}, "dense": {"kernel": True, "bias": False}}
 
 
-def cli(workdir, *flags, **popen):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  return subprocess.Popen([sys.executable, "-m", "resnorm_jax.train", f"--workdir={workdir}",
-                           *CLI_TINY, *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, **popen)
-
-
-def test_sigterm_then_resume_is_bitwise_exact(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_then_resume_is_bitwise_exact(tmp_path, sig, code):
+  # SIGINT (Ctrl-C) is handled like SIGTERM: save the current step, exit with its code.
   steps = "--config.train.steps=400"
   uninterrupted = cli(tmp_path / "a", steps)
   interrupted = cli(tmp_path / "b", steps)
@@ -84,12 +79,13 @@ def test_sigterm_then_resume_is_bitwise_exact(tmp_path):
   deadline = time.time() + 120
   while time.time() < deadline and interrupted.poll() is None:
     if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-      interrupted.send_signal(signal.SIGTERM)
+      interrupted.send_signal(sig)
       break
     time.sleep(0.02)
   out, err = interrupted.communicate(timeout=120)
-  assert interrupted.returncode == 143, err
-  assert "SIGTERM received" in err
+  assert interrupted.returncode == code, err
+  assert f"{signal.Signals(sig).name} received" in err and "Traceback" not in err
+  assert not (tmp_path / "b" / ".resnorm.lock").exists()   # released
   stopped_at, _ = read_state(tmp_path / "b")
   assert 5 <= stopped_at < 400
   resumed = cli(tmp_path / "b", steps)

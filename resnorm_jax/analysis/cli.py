@@ -6,8 +6,10 @@
     resnorm-analyze --layer_stats=runs/quickstart   # plot a training run's layer_stats.jsonl
 
 Writes ``results.json`` (settings, per-layer arrays with their layer indices, fitted rates)
-and PNG figures into the workdir, and prints a summary table.  Exit codes: 0 done, 2
-invalid flags or config (one line on stderr; nothing written).
+and PNG figures into the workdir, and prints a summary table.  Exit codes
+(``resnorm_jax/errors.py``): 0 done, 2 invalid flags, config or workdir (one line on stderr;
+nothing written), 4 the workdir is locked by another run, 5 storage failure, 70 internal
+error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from resnorm_jax import config as config_lib
-from resnorm_jax.layers.registry import ConfigError
-from resnorm_jax.train import PACKAGE_ROOT, describe_error, run_command
+from resnorm_jax.errors import EXIT_USAGE, ConfigError
+from resnorm_jax.train import PACKAGE_ROOT, describe_error, run_command, run_guarded
 
 PROG = "resnorm-analyze"
 DEFAULT_CONFIG = os.path.join(PACKAGE_ROOT, "configs", "moments.py")
-EXIT_USAGE = 2
 ANALYSIS_CONFIGS = "configs/moments.py, configs/shattering.py or configs/grad_scale.py"
 
 _FLAGS = {}
@@ -124,20 +125,31 @@ def main(argv):
     fail(f"--config is not an analysis config (it has no 'analysis' key); use "
          f"{ANALYSIS_CONFIGS}")
   logging.set_verbosity(logging.WARNING)
-  import jax
   from resnorm_jax import analysis
-  from resnorm_jax.analysis import common
   try:
     module = analysis.load(config.analysis)
     module.validate(config)
   except ConfigError as e:
     fail(str(e))
+  explicit = _FLAGS["workdir"].value is not None
   workdir = _FLAGS["workdir"].value or os.path.join("runs", config_name())
+  from resnorm_jax import workdir as workdir_lib
   try:
     config_lib.validate_workdir(workdir)
+    workdir_lib.check_workdir(workdir, parent_must_exist=explicit)
   except ConfigError as e:
     fail(str(e))
   os.makedirs(workdir, exist_ok=True)
+
+  def analyze():
+    with workdir_lib.WorkdirLock(workdir):
+      return _analyze(config, module, workdir)
+  run_guarded(analyze, workdir)
+
+
+def _analyze(config, module, workdir: str) -> None:
+  import jax
+  from resnorm_jax.analysis import common
   device = jax.devices()[0]
   log(f"{PROG}: {config.analysis} on {device.platform} ({device.device_kind}) -> {workdir}")
   start = time.time()

@@ -1,0 +1,375 @@
+"""The workdir of a run: checks before anything is written, the run lock, JSON-lines repair.
+
+* :func:`check_workdir` refuses, before anything is written, a workdir that is a file, whose
+  parent does not exist (a mistyped mount point would otherwise fill the local disk), that
+  is on a read-only file system or not writable, or whose ``checkpoints`` / metrics entries
+  have the wrong kind.
+* :class:`WorkdirLock` makes a workdir belong to one run at a time (see its docstring for
+  the protocol and why it works on shared file systems).
+* :func:`repair_jsonl` makes a JSON-lines file hold exactly one complete record per key on
+  resume: a line cut by a crash is dropped, and records of steps after the restored
+  checkpoint are dropped because the continuing run writes them again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from typing import Callable, Iterable
+
+from resnorm_jax.errors import ConfigError, StorageError, WorkdirLockedError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".resnorm.lock"
+# Entries a run writes in its workdir, and the kind each must be when it already exists.
+DIRECTORIES = ("checkpoints", "tensorboard", "translations")
+FILES = ("config.json", "metrics.jsonl", "layer_stats.jsonl", "spm.model", LOCK_FILE)
+
+
+# ----------------------------------------------------------------------------------------
+# Checks before anything is written.
+# ----------------------------------------------------------------------------------------
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_not_url(workdir: str, flag: str = "--workdir") -> None:
+  """ConfigError for a URL workdir (``gs://``, ``s3://``, ...).
+
+  Checkpoints, metrics, the config and the tokenizer are written with local file
+  operations, which would silently turn ``gs://bucket/run`` into a local directory named
+  ``gs:`` on every host (lost with the VM).  A bucket is used through a mount instead."""
+  match = _URL.match(workdir or "")
+  if match:
+    bucket = workdir[match.end():].split("/", 1)[0] or "BUCKET"
+    raise ConfigError(
+        f"{flag}={workdir} is a URL, but runs write their workdir with local file "
+        f"operations. Mount the bucket on every host and pass the mount point, e.g. "
+        f"`gcsfuse --implicit-dirs {bucket} /mnt/{bucket}` then "
+        f"{flag}=/mnt/{workdir[match.end():]} (launch/tpu_vm_pod.sh mount {bucket} does "
+        f"this on every TPU worker), or use a disk every host shares (NFS, Filestore)")
+
+
+def check_workdir(workdir: str, *, parent_must_exist: bool = True,
+                  flag: str = "--workdir") -> None:
+  """ConfigError (one line, exit 2) if ``workdir`` cannot hold a run; writes nothing.
+
+  ``parent_must_exist``: the directory above ``workdir`` must exist (commands that create
+  their own tree below a checked root, like a sweep's variant directories, pass False)."""
+  check_not_url(workdir, flag)
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"{flag}={workdir} is a file, not a directory; pass a directory "
+                      "(it is created if missing)")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"{flag}={workdir}: {existing} is a file, so the workdir cannot be "
+                      "created below it; pass another --workdir")
+  parent = os.path.dirname(path)
+  if parent_must_exist and not os.path.isdir(parent):
+    raise ConfigError(f"{flag}={workdir}: its parent directory {parent} does not exist (a "
+                      f"mistyped mount point?); create it first (mkdir -p {parent}) or fix "
+                      "the path")
+  _check_writable(existing, workdir, flag)
+  if existing == path:
+    for name in DIRECTORIES:
+      entry = os.path.join(path, name)
+      if os.path.exists(entry) and not os.path.isdir(entry):
+        raise ConfigError(f"{entry} is a file, but the run keeps a directory there; move "
+                          "it away or use another --workdir")
+    for name in FILES:
+      entry = os.path.join(path, name)
+      if os.path.isdir(entry):
+        raise ConfigError(f"{entry} is a directory, but the run keeps a file there; move "
+                          "it away or use another --workdir")
+      if os.path.exists(entry) and not os.access(entry, os.R_OK | os.W_OK):
+        raise ConfigError(f"{entry} is not readable and writable by this user; fix its "
+                          "permissions or use another --workdir")
+
+
+def _check_writable(directory: str, workdir: str, flag: str) -> None:
+  """ConfigError if files cannot be created in ``directory`` (read-only mount, permissions)."""
+  read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+  if read_only or not os.access(directory, os.W_OK | os.X_OK):
+    why = "is on a read-only file system" if read_only else "is not writable by this user"
+    where = "" if os.path.abspath(workdir) == directory else f" ({directory})"
+    raise ConfigError(f"{flag}={workdir}{where} {why}; pass a writable directory")
+
+
+def checkpoint_bytes_needed(state_bytes: int) -> int:
+  """Free space a run needs at its start: one checkpoint of a state of ``state_bytes``
+  (arrays uncompressed, +10%) and 256 KiB for orbax's metadata, the config and metrics."""
+  return int(1.1 * state_bytes) + 256 * 1024
+
+
+def check_free_space(workdir: str, needed_bytes: int) -> None:
+  """StorageError (exit 5) if the workdir's file system has less than ``needed_bytes`` free:
+  a checkpoint of the state would not fit, so the run would fail at its first save."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  free = shutil.disk_usage(workdir).free
+  if free < needed_bytes:
+    raise StorageError(f"{workdir} has {_mib(free)} free, but a checkpoint of this run needs "
+                       f"about {_mib(needed_bytes)}; free space (or lower checkpoint.keep) "
+                       "and rerun: the run resumes from its last checkpoint")
+
+
+def _mib(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------------------
+# The run lock.
+# ----------------------------------------------------------------------------------------
+def _boot_id() -> str:
+  try:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+      return f.read().strip()
+  except OSError:
+    return ""
+
+
+def _process_start(pid: int) -> str:
+  """The start time of process ``pid`` (clock ticks since boot; '' if unknown), so that a
+  recycled pid is not mistaken for the lock holder."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return ""
+
+
+def _pid_alive(pid: int, start: str) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # exists, owned by someone else
+  now = _process_start(pid)
+  return not (start and now and now != start)
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir for the life of a run.
+
+  Protocol: the lock is the file ``<workdir>/.resnorm.lock``, created with ``O_CREAT |
+  O_EXCL`` (atomic on local disks and on NFS v3+), holding its owner (host, boot id, pid,
+  the pid's start time, a random token, the command).  The owner touches it every
+  ``heartbeat_seconds`` from a daemon thread.  A lock is *stale*, and is taken over, when its
+  owner is on this host and that process is gone (``kill -9``, a crash: detected at once),
+  or it is on another host and has not been touched for ``stale_seconds``.  A live owner's
+  lock is never taken.  Takeover renames the stale file to a unique name (only one of
+  several contenders can rename it), checks that the renamed file is the stale one it
+  judged (else puts it back without overwriting and reports the workdir as locked), and
+  then creates its own lock with ``O_EXCL`` again.  Advisory ``flock`` is not used: it does
+  not cross hosts on many shared file systems and not at all on bucket mounts.
+  """
+
+  def __init__(self, workdir: str, *, heartbeat_seconds: float = 30.0,
+               stale_seconds: float = 300.0):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self.heartbeat_seconds, self.stale_seconds = heartbeat_seconds, stale_seconds
+    self.token = uuid.uuid4().hex
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self.held = False
+
+  def _record(self) -> dict:
+    import sys  # pylint: disable=import-outside-toplevel
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid,
+            "pid_start": _process_start(pid), "token": self.token,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": " ".join(sys.argv)[:500]}
+
+  def acquire(self) -> "WorkdirLock":
+    """Takes the lock or raises :class:`WorkdirLockedError` naming the holder."""
+    for _ in range(5):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        self._take_over_if_stale()
+        continue
+      with os.fdopen(fd, "w") as f:
+        json.dump(self._record(), f)
+        f.flush()
+        os.fsync(f.fileno())
+      self.held = True
+      self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
+      self._thread.start()
+      return self
+    raise WorkdirLockedError(f"{self.workdir} is locked: its lock file {self.path} keeps "
+                             "changing hands; another run is starting there")
+
+  def _read(self, path: str) -> tuple[dict, float] | None:
+    """(owner record, seconds since its last heartbeat), or None if the file is gone."""
+    try:
+      age = time.time() - os.stat(path).st_mtime
+      with open(path) as f:
+        text = f.read()
+    except FileNotFoundError:
+      return None
+    try:
+      owner = json.loads(text)
+    except ValueError:
+      owner = {}  # being written right now, or cut by a crash: judged by its age alone
+    return (owner if isinstance(owner, dict) else {}), age
+
+  def stale_reason(self, owner: dict, age: float) -> str | None:
+    """Why the lock of ``owner`` (last touched ``age`` seconds ago) is stale, or None."""
+    same_host = (owner.get("host") == socket.gethostname()
+                 and owner.get("boot_id", "") == _boot_id())
+    if same_host and isinstance(owner.get("pid"), int):
+      if not _pid_alive(owner["pid"], owner.get("pid_start", "")):
+        return f"its process {owner['pid']} on {owner['host']} is gone"
+      return None
+    if age > self.stale_seconds:
+      return f"it has had no heartbeat for {age:.0f} s"
+    return None
+
+  def _take_over_if_stale(self) -> None:
+    found = self._read(self.path)
+    if found is None:
+      return  # released meanwhile: try to create it again
+    owner, age = found
+    reason = self.stale_reason(owner, age)
+    if reason is None:
+      raise WorkdirLockedError(
+          f"{self.workdir} is in use by another run ({_describe_owner(owner, age)}); wait "
+          f"for it to finish or stop it, or use another --workdir (if no such run exists, "
+          f"delete {self.path})")
+    aside = f"{self.path}.stale-{self.token}"
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:
+      return  # another contender took it first
+    moved = self._read(aside)
+    if moved is not None and moved[0].get("token") != owner.get("token"):
+      # A contender replaced the stale lock with a live one between our read and rename:
+      # put it back (never overwriting a newer one) and report the workdir as taken.
+      try:
+        os.link(aside, self.path)
+      except FileExistsError:
+        pass
+      os.remove(aside)
+      raise WorkdirLockedError(f"{self.workdir} was just locked by another run; use "
+                               "another --workdir or wait for it to finish")
+    os.remove(aside)
+    log.warning("took over the stale lock of %s: %s", self.workdir, reason)
+
+  def _beat(self) -> None:
+    warned = False
+    while not self._stop.wait(self.heartbeat_seconds):
+      try:
+        with open(self.path) as f:
+          mine = json.load(f).get("token") == self.token
+        if mine:
+          os.utime(self.path)
+          continue
+      except (OSError, ValueError):
+        pass
+      if not warned:
+        log.warning("the lock file %s was removed or replaced while this run holds it; "
+                    "another run may be writing the same workdir", self.path)
+        warned = True
+
+  def release(self) -> None:
+    """Stops the heartbeat and removes the lock file if it is still this run's."""
+    if not self.held:
+      return
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=5)
+    self.held = False
+    try:
+      with open(self.path) as f:
+        if json.load(f).get("token") == self.token:
+          os.remove(self.path)
+    except (OSError, ValueError):
+      pass
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _describe_owner(owner: dict, age: float) -> str:
+  if not owner:
+    return f"lock file written {age:.0f} s ago"
+  return (f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}, "
+          f"heartbeat {age:.0f} s ago")
+
+
+# ----------------------------------------------------------------------------------------
+# JSON-lines repair.
+# ----------------------------------------------------------------------------------------
+def read_jsonl(path: str) -> list[dict]:
+  """The complete records of a JSON-lines file: a last line without its newline (cut by a
+  crash while it was written) is left out; any other unreadable line is an error."""
+  with open(path, "rb") as f:
+    data = f.read()
+  lines = data.split(b"\n")
+  partial = lines.pop()  # b"" when the file ends with a newline
+  del partial
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError as e:
+      raise ConfigError(f"{path}, line {number}, is not JSON ({e}); the file was damaged "
+                        "outside a crash: repair or remove that line") from None
+  return records
+
+
+def repair_jsonl(path: str, keep: Callable[[dict], bool],
+                 key: Callable[[dict], Iterable] | None = None) -> tuple[int, int]:
+  """Rewrites ``path`` (atomically) with only its complete, parseable records for which
+  ``keep(record)`` holds, and for each ``key(record)`` only the last such record.  Returns
+  ``(kept, dropped)``; a file that needs no change is not rewritten."""
+  if not os.path.exists(path):
+    return 0, 0
+  with open(path, "rb") as f:
+    data = f.read()
+  lines = data.split(b"\n")
+  lines.pop()  # the part after the last newline: empty, or a record cut by a crash
+  records = []
+  for line in lines:
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue  # a line damaged by a crash (e.g. a cut line later appended to)
+  kept = [r for r in records if isinstance(r, dict) and keep(r)]
+  if key is not None:
+    last = {tuple(key(r)): i for i, r in enumerate(kept)}
+    kept = [r for i, r in enumerate(kept) if last[tuple(key(r))] == i]
+  text = "".join(json.dumps(r) + "\n" for r in kept).encode()
+  if text == data:
+    return len(kept), 0
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return len(kept), len(lines) + (1 if data and not data.endswith(b"\n") else 0) - len(kept)
