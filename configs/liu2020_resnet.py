@@ -19,6 +19,7 @@ NOTE = "published in the paper's table; not transcribed in SPEC.md"
 COMBINATORS = ("xskip", "xskip_ln", "rskip_ln", "xskip_bn", "rskip_bn")
 LAMBDAS = (1, 2, 3)
 VARIANTS = ("skip",) + tuple(f"{name}_{lam}" for name in COMBINATORS for lam in LAMBDAS)
+BASELINE = "skip"              # resnorm-sweep compares every combinator with y = x + F(x)
 
 
 def get_config(arg=None):
