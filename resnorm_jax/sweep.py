@@ -25,9 +25,9 @@ single seed 7) the seeds named.  A directory of an earlier single-seed sweep
 (``<workdir>/<variant>`` holding a run) stays readable: that run counts as the seed its
 ``config.json`` was trained with, and is resumed or kept in place.
 
-``--submit=slurm`` writes ``<workdir>/slurm/tasks.json`` (one entry per unfinished run) and
-``submit.sh``, an ``sbatch --array`` of ``launch/slurm.sbatch`` whose task i runs entry i
-(``--sweep_tasks=<file> --task_index=i``), and runs it where ``sbatch`` exists.
+``--submit=slurm`` writes ``<workdir>/slurm/tasks_<k>.json`` (one entry per unfinished run)
+and ``submit_<k>.sh``, an ``sbatch --array`` of ``launch/slurm.sbatch`` whose task i runs
+entry i (``--sweep_tasks=<file> --task_index=i``), and runs it where ``sbatch`` exists.
 ``--submit=xpk`` writes one JobSet per unfinished run, from ``launch/xpk_workload.yaml``,
 into ``<workdir>/xpk/``.  ``--collect`` only tabulates (runs still going are listed).
 
@@ -39,6 +39,7 @@ preempted by SIGTERM (the results so far are written; rerun to resume).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -100,7 +101,7 @@ def _sweep_flags() -> flags.FlagValues:
   flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "Multi-process runtime "
                     "of each run, as resnorm-train --distributed.", flag_values=fv)
   flags.DEFINE_string("sweep_tasks", None, "Run one task of a submitted job array: the "
-                      "tasks.json written by --submit=slurm ...", flag_values=fv)
+                      "tasks_<k>.json written by --submit=slurm ...", flag_values=fv)
   flags.DEFINE_integer("task_index", None, "... and the task's index in it "
                        "(SLURM_ARRAY_TASK_ID).", flag_values=fv)
   return fv
@@ -663,22 +664,31 @@ def _task_argv(config_path: str, workdir: str, variant: str, seed: int,
 
 def submit_slurm(config_path: str, workdir: str, todo: list[dict], overrides: list[str],
                  sbatch_args: str) -> int:
-  """Writes ``<workdir>/slurm/tasks.json`` and ``submit.sh`` (an sbatch job array of
-  launch/slurm.sbatch, one task per run in ``todo``) and runs it where sbatch exists."""
+  """Writes ``<workdir>/slurm/tasks_<k>.json`` and ``submit_<k>.sh`` (k: the first unused
+  number; an sbatch job array of launch/slurm.sbatch, one task per run in ``todo``) and
+  runs it where sbatch exists."""
   slurm_dir = os.path.join(os.path.abspath(workdir), "slurm")
   os.makedirs(slurm_dir, exist_ok=True)
   config_abs, workdir_abs = os.path.abspath(config_path), os.path.abspath(workdir)
   tasks = [{"variant": e["variant"], "seed": e["seed"],
             "argv": _task_argv(config_abs, workdir_abs, e["variant"], e["seed"], overrides,
                                "auto")} for e in todo]
-  tasks_path = os.path.join(slurm_dir, "tasks.json")
-  _write_atomic(tasks_path, json.dumps({"config": config_abs, "tasks": tasks}, indent=2)
-                + "\n")
+  # A new file per submission: tasks of an earlier array still queued keep reading theirs.
+  number = 0
+  while True:
+    tasks_path = os.path.join(slurm_dir, f"tasks_{number}.json")
+    try:
+      fd = os.open(tasks_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      break
+    except FileExistsError:
+      number += 1
+  with os.fdopen(fd, "w") as f:
+    f.write(json.dumps({"config": config_abs, "tasks": tasks}, indent=2) + "\n")
   name = "sweep-" + os.path.splitext(_config_id(config_path))[0]
   command = (["sbatch", f"--array=0-{len(tasks) - 1}", f"--job-name={name}",
               f"--output={os.path.join(slurm_dir, '%A_%a.out')}"]
              + shlex.split(sbatch_args) + [SLURM_SCRIPT, f"--sweep_tasks={tasks_path}"])
-  script = os.path.join(slurm_dir, "submit.sh")
+  script = os.path.join(slurm_dir, f"submit_{number}.sh")
   _write_atomic(script, "#!/usr/bin/env bash\n# Written by resnorm-sweep --submit=slurm: "
                 f"{len(tasks)} runs, one array task each.\nset -euo pipefail\ncd "
                 f"{shlex.quote(PACKAGE_ROOT)}\n" + shlex.join(command) + "\n")
@@ -700,7 +710,10 @@ def submit_slurm(config_path: str, workdir: str, todo: list[dict], overrides: li
 def k8s_name(*parts: str) -> str:
   """A JobSet name (DNS label: lowercase letters, digits and '-', at most 63 characters)."""
   name = re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
-  return name[:63].rstrip("-")
+  if len(name) > 63:   # cut, with a hash of the whole name so that cut names stay distinct
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    name = f"{name[:54].rstrip('-')}-{digest}"
+  return name
 
 
 def xpk_jobset(template: str, name: str, args: list[str]) -> str:
@@ -750,7 +763,7 @@ def submit_xpk(config_path: str, workdir: str, todo: list[dict], overrides: list
 # Main.
 # ----------------------------------------------------------------------------------------
 def task_argv(tasks_path: str, index: int | None) -> list[str]:
-  """The argv of task ``index`` of a tasks.json written by --submit=slurm."""
+  """The argv of task ``index`` of a tasks_<k>.json written by --submit=slurm."""
   saved = _read_json(tasks_path)
   if saved is None:
     raise UsageError(f"--sweep_tasks={tasks_path}: no such file; resubmit with "

@@ -321,12 +321,12 @@ def test_slurm_job_array_runs_each_task_locally(finished_sweep, tmp_path, capfd,
   assert sweep.main(argv) == 0
   out = capfd.readouterr().out
   assert "1 finished run kept" in out and "no sbatch here" in out
-  tasks = json.load(open(os.path.join(workdir, "slurm", "tasks.json")))["tasks"]
+  tasks = json.load(open(os.path.join(workdir, "slurm", "tasks_0.json")))["tasks"]
   assert [(t["variant"], t["seed"]) for t in tasks] == [("identity", 1), ("identity", 2)]
-  submit = open(os.path.join(workdir, "slurm", "submit.sh")).read()
+  submit = open(os.path.join(workdir, "slurm", "submit_0.sh")).read()
   assert (f"sbatch --array=0-1 --job-name=sweep-he2016_shortcuts --output={workdir}/slurm/"
           f"%A_%a.out --nodes=1 --ntasks-per-node=1 --gpus-per-node=1 "
-          f"{REPO}/launch/slurm.sbatch --sweep_tasks={workdir}/slurm/tasks.json") in submit
+          f"{REPO}/launch/slurm.sbatch --sweep_tasks={workdir}/slurm/tasks_0.json") in submit
   # With a scheduler that runs the array here: launch/slurm.sbatch per task.
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
@@ -340,6 +340,8 @@ def test_slurm_job_array_runs_each_task_locally(finished_sweep, tmp_path, capfd,
   assert sweep.main(argv) == 0
   out = capfd.readouterr().out
   assert "Submitted batch job 4242" in out, out
+  assert f"--sweep_tasks={workdir}/slurm/tasks_1.json" in open(
+      os.path.join(workdir, "slurm", "submit_1.sh")).read()     # the first file is kept
   for seed in (1, 2):
     result = json.load(open(os.path.join(workdir, "identity", f"seed_{seed}", "result.json")))
     assert (result["status"], result["seed"], result["steps"]) == ("completed", seed, 3)
@@ -382,6 +384,15 @@ def test_xpk_writes_one_jobset_per_run(tmp_path, capsys):
     assert pod["nodeSelector"] == tpl_pod["nodeSelector"]
   assert len(names) == 4
   assert "kubectl apply -f" in capsys.readouterr().out
+
+
+def test_k8s_names_are_dns_labels_and_stay_distinct_when_cut():
+  assert sweep.k8s_name("resnorm", "he2016_units", "full_preact_164", "s3") == (
+      "resnorm-he2016-units-full-preact-164-s3")
+  long = [sweep.k8s_name("resnorm", "x" * 60, v, "s0") for v in ("a_1", "a_2")]
+  assert len(set(long)) == 2
+  for name in long:
+    assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name)
 
 
 def test_a_task_of_the_array_with_a_bad_index_is_one_line(tmp_path, capsys):

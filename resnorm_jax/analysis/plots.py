@@ -215,4 +215,8 @@ def sweep_figure(rows: list[dict], workdir: str, title: str = "",
   metric = rows[0]["metric"] if rows else "error"
   ax.set_xlabel("final test BLEU" if metric == "bleu" else "final test error (%)")
   ax.grid(axis="x", alpha=0.3)
-  return _save(fig, workdir, name, title)
+  # Written under a temporary name and renamed: array tasks of one sweep may write it at once.
+  tmp = _save(fig, workdir, f".{name}.{os.getpid()}.tmp.png", title)
+  path = os.path.join(workdir, name)
+  os.replace(tmp, path)
+  return path
