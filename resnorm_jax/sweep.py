@@ -16,7 +16,7 @@ rewrites, from every run found on disk:
   translation), the published number and median − published, and the difference of means
   to the config's ``BASELINE`` variant with a 95% Welch interval (see
   :mod:`resnorm_jax.sweep_stats`), saying when the interval includes 0 and when the seeds
-  are too few to resolve the published gap;
+  are too few to resolve a difference the size of the published gap;
 * ``results.json`` (the same, with every run) and ``results.png`` (each run a dot, the
   median a bar, the published number a diamond).
 
@@ -500,9 +500,10 @@ def row_notes(row: dict) -> list[str]:
   elif c is not None and c["resolvable"] is False:
     half, gap = c["interval"]["half_width"], c["published_gap"]
     needed = c["seeds_needed"]
-    notes.append(f"too few seeds to resolve the published gap {gap:+.2f} (interval "
-                 f"±{half:.2f}); " + (f"≈ {needed} seeds per variant would" if needed else
-                                      f"more than {sweep_stats.MAX_SEEDS} seeds would be needed"))
+    enough = (f"≈ {needed} seeds per variant would" if needed else
+              f"more than {sweep_stats.MAX_SEEDS} seeds per variant would be needed")
+    notes.append(f"too few seeds to resolve a difference the size of the published gap "
+                 f"{gap:+.2f} (interval ±{half:.2f}); {enough}")
   if row["diverged"]:
     notes.append(f"diverged: seed {_seed_list(row['diverged'])}")
   if row["unfinished"]:

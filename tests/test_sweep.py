@@ -160,7 +160,7 @@ def test_end_to_end_table_statistics_and_figure(finished_sweep):
   assert (f"| {np.mean(const) - np.mean(ident):+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]"
           + (" ∘" if ci.low <= 0 <= ci.high else "") + " | +5.74 |") in row
   half = (ci.high - ci.low) / 2
-  assert ("too few seeds to resolve the published gap +5.74" in row) == (half >= 5.74)
+  assert ("too few seeds to resolve a difference the size of the published gap +5.74" in row) == (half >= 5.74)
   assert "He et al. 2016, Table 1" in table
   import matplotlib.image
   png = matplotlib.image.imread(os.path.join(workdir, "results.png"))

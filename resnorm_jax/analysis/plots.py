@@ -198,10 +198,10 @@ def sweep_figure(rows: list[dict], workdir: str, title: str = "",
     values = np.asarray(row["values"], float)
     if len(values):
       offsets = np.linspace(-0.17, 0.17, len(values)) if len(values) > 1 else np.zeros(1)
-      ax.scatter(values, y + offsets, s=22, color=color, alpha=0.85, edgecolors="none",
-                 zorder=3, label="run (one seed)" if i == 0 else None)
-      ax.plot([row["median"]] * 2, [y - 0.3, y + 0.3], color="black", lw=2.2, zorder=4,
+      ax.plot([row["median"]] * 2, [y - 0.3, y + 0.3], color="black", lw=2.2, zorder=3,
               label="median" if i == 0 else None)
+      ax.scatter(values, y + offsets, s=22, color=color, alpha=0.85, edgecolors="none",
+                 zorder=4, label="run (one seed)" if i == 0 else None)   # over the bar
     if row.get("published") is not None:
       ax.scatter([row["published"]], [y], marker="D", s=46, facecolors="none",
                  edgecolors="red", linewidths=1.5, zorder=5, label="published")
