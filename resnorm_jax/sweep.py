@@ -142,6 +142,11 @@ def parse_args(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
   modes += ["submit"] if fv.submit else []
   if len(modes) > 1:
     raise UsageError(f"--{' and --'.join(modes)} exclude each other; give one")
+  if fv.collect:
+    extra = [f"--{n}" for n in ("variants", "seeds", "dry_run", "sbatch_args")
+             if fv[n].present]
+    if extra:
+      raise UsageError(f"--collect tabulates every run in --workdir; drop {', '.join(extra)}")
   if not fv.config and not fv.collect:
     raise UsageError("--config=<experiment config file> is required")
   if fv.config and ":" in os.path.basename(fv.config):

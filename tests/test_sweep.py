@@ -228,6 +228,16 @@ def test_diverged_and_preempted_runs(tmp_path, monkeypatch, capsys):
   assert sweep.run_one("identity", 5, config, other) == "preempted"
   assert not os.path.exists(os.path.join(other, "result.json"))   # not finished: resumes
   assert "non-finite loss at step 2" in capsys.readouterr().err
+  for seed, path in ((4, run), (5, other)):      # training writes config.json first
+    json.dump({"train": {"seed": seed, "steps": 3}}, open(os.path.join(path, "config.json"),
+                                                          "w"))
+  row, = sweep.collect_rows(str(tmp_path), {"identity": config}, ("identity",),
+                            {"identity": "identity"})
+  assert row["n"] == 0 and row["diverged"] == [4] and row["unfinished"] == [5]
+  notes = "; ".join(sweep.row_notes(row))
+  assert "diverged: seed 4" in notes and "not finished (running or stopped): seed 5" in notes
+  assert "| identity | 0 | 3 | – | – | 6.61 | – | baseline |" in sweep.results_markdown(
+      SHORTCUTS, [row])
 
 
 def test_translation_tables_report_bleu(tmp_path):
@@ -412,7 +422,9 @@ def test_a_task_of_the_array_with_a_bad_index_is_one_line(tmp_path, capsys):
     (["--variants=identity", "--seeds=x"], "neither a count nor a comma list"),
     (["--variants=identity", "--config.train.seed=3"], "give the seeds with --seeds"),
     (["--variants=identity", "--baseline=identty"], "--baseline: unknown variant 'identty'"),
-    (["--variants=identity", "--collect", "--dry_run"], "exclude each other"),
+    (["--variants=identity", "--submit=xpk", "--dry_run"], "exclude each other"),
+    (["--variants=identity", "--collect"], "--collect tabulates every run in --workdir; "
+                                           "drop --variants"),
     (["--variants=identity", "--config.train.stps=3"], "no config key 'stps'"),
     (["--variants=identity", "--workdir=gs://b/sweep"], "is a URL"),
 ])
