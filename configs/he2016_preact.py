@@ -20,6 +20,8 @@ PUBLISHED = {
     (1001, "cifar100"): 22.71,
 }
 VARIANTS = tuple(f"resnet{depth}_{data}" for depth, data in PUBLISHED)
+# resnorm-sweep compares each depth with ResNet-164 on the same data set.
+BASELINE = {f"resnet{depth}_{data}": f"resnet164_{data}" for depth, data in PUBLISHED}
 
 
 def get_config(arg=None):

@@ -25,6 +25,7 @@ SHORTCUTS = {
     "dropout": ("dropout:0.5", None, FAIL),
 }
 VARIANTS = tuple(SHORTCUTS)
+BASELINE = "identity"          # resnorm-sweep compares every variant with it
 
 
 def get_config(arg=None):

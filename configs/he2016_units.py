@@ -24,6 +24,8 @@ PUBLISHED = {
 }
 DEPTHS = (110, 164)
 VARIANTS = tuple(f"{unit}_{depth}" for unit in PUBLISHED for depth in DEPTHS)
+# resnorm-sweep compares each ordering with the original unit (a) of the same depth.
+BASELINE = {f"{unit}_{depth}": f"original_{depth}" for unit in PUBLISHED for depth in DEPTHS}
 
 
 def get_config(arg=None):

@@ -5,7 +5,9 @@ on CIFAR-10 with the skip combinators of SPEC section 3 and their BatchNorm vers
     resnorm-sweep --config=configs/liu2020_resnet.py --variants=all --workdir=runs/liu2020
 
 Variants: ``skip`` (the baseline y = x + F(x)) and ``<combinator>_<λ>`` for combinator in
-xskip, xskip_ln, rskip_ln, xskip_bn, rskip_bn and λ in 1, 2, 3 (``model.skip_lambda``).
+xskip, xskip_ln, rskip_ln, xskip_bn, rskip_bn and λ in 1, 2, 3 (``model.skip_lambda``); the
+``*_bn`` ones are the ResNet side of the paper's "BN replaces LN" experiment (the Transformer
+side: configs/liu2020_bn_for_ln.py).
 The paper's numbers are in a table SPEC.md does not transcribe, so ``published.error`` is
 left empty (no published number) until someone copies them from the paper.
 """
@@ -19,6 +21,7 @@ NOTE = "published in the paper's table; not transcribed in SPEC.md"
 COMBINATORS = ("xskip", "xskip_ln", "rskip_ln", "xskip_bn", "rskip_bn")
 LAMBDAS = (1, 2, 3)
 VARIANTS = ("skip",) + tuple(f"{name}_{lam}" for name in COMBINATORS for lam in LAMBDAS)
+BASELINE = "skip"              # resnorm-sweep compares every combinator with y = x + F(x)
 
 
 def get_config(arg=None):

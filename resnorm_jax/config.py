@@ -112,11 +112,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 3
 
-  # The published result an experiment config reproduces: test error in %, where it is
-  # published, and a note (e.g. "fail: > 20%"); error None = no published number.  Read by
-  # resnorm-sweep for its results table, never by training.
+  # The published result an experiment config reproduces: test error in % (image
+  # classification) or test BLEU (translation), where it is published, and a note (e.g.
+  # "fail: > 20%"); None = no published number.  Read by resnorm-sweep for its results
+  # table, never by training.
   c.published = ml_collections.ConfigDict({
-      "error": ml_collections.config_dict.placeholder(float), "source": "", "note": ""})
+      "error": ml_collections.config_dict.placeholder(float),
+      "bleu": ml_collections.config_dict.placeholder(float), "source": "", "note": ""})
   return c
 
 

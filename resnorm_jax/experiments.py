@@ -1,8 +1,9 @@
 """Helpers shared by the experiment configs (``configs/he2016_*.py``, ...) and resnorm-sweep.
 
 An experiment config is a ``get_config(arg)`` file whose ``arg`` names one variant; it
-exposes the names as ``VARIANTS`` (so ``--variants=all`` works) and sets ``config.published``
-to the result the paper reports for that variant.
+exposes the names as ``VARIANTS`` (so ``--variants=all`` works), names the variant the others
+are compared with as ``BASELINE`` (one name, or a dict variant -> its baseline), and sets
+``config.published`` to the result the paper reports for that variant.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def check_variant(arg: str | None, variants, config_name: str, default: str) -> 
 def set_published(config, error: float | None, source: str, note: str = ""):
   """Records the published test error (%) of this variant; None = none published."""
   config.published.error = None if error is None else float(error)
+  config.published.source = source
+  config.published.note = note
+  return config
+
+
+def set_published_bleu(config, bleu: float | None, source: str, note: str = ""):
+  """Records the published test BLEU of this (translation) variant; None = none published."""
+  config.published.bleu = None if bleu is None else float(bleu)
   config.published.source = source
   config.published.note = note
   return config

@@ -471,7 +471,7 @@ def test_a_bug_is_exit_70_with_its_traceback(tmp_path):
 
 
 def test_sweep_and_analysis_refuse_a_locked_workdir_with_exit_4(tmp_path):
-  variant = tmp_path / "sweep" / "identity"
+  variant = tmp_path / "sweep" / "identity" / "seed_0"
   variant.mkdir(parents=True)
   with workdir_lib.WorkdirLock(str(variant)):        # a live run holds the variant
     proc = subprocess.run(

@@ -182,3 +182,41 @@ def layer_stats_figures(records: list[dict], workdir: str, title: str = "",
   axes[1, 1].axhline(3.0, color="k", lw=0.6, ls="--")
   axes[0, 0].legend(fontsize=7)
   return [_save(fig, workdir, "layer_stats_depth.png", title)]
+
+
+def sweep_figure(rows: list[dict], workdir: str, title: str = "",
+                 name: str = "results.png") -> str:
+  """results.png of a multi-seed sweep: one line per variant (top to bottom in the table's
+  order), each finished run a dot (spread vertically so equal values stay visible), the
+  median a black bar and the published number a red diamond; the x axis is the metric
+  (test error % or BLEU).  ``rows``: resnorm_jax.sweep.collect_rows."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.42 * len(rows)))
+  colors = _colors(len(rows))
+  for i, (row, color) in enumerate(zip(rows, colors)):
+    y = len(rows) - 1 - i
+    values = np.asarray(row["values"], float)
+    if len(values):
+      offsets = np.linspace(-0.17, 0.17, len(values)) if len(values) > 1 else np.zeros(1)
+      ax.plot([row["median"]] * 2, [y - 0.3, y + 0.3], color="black", lw=2.2, zorder=3,
+              label="median" if i == 0 else None)
+      ax.scatter(values, y + offsets, s=22, color=color, alpha=0.85, edgecolors="none",
+                 zorder=4, label="run (one seed)" if i == 0 else None)   # over the bar
+    if row.get("published") is not None:
+      ax.scatter([row["published"]], [y], marker="D", s=46, facecolors="none",
+                 edgecolors="red", linewidths=1.5, zorder=5, label="published")
+  handles, labels = ax.get_legend_handles_labels()
+  unique = dict(zip(labels, handles))
+  ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left",
+            bbox_to_anchor=(1.01, 1.0), frameon=False)   # outside: never over a dot
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels([f"{r['variant']}  (n={r['n']})" for r in reversed(rows)], fontsize=8)
+  ax.set_ylim(-0.6, len(rows) - 0.4)
+  metric = rows[0]["metric"] if rows else "error"
+  ax.set_xlabel("final test BLEU" if metric == "bleu" else "final test error (%)")
+  ax.grid(axis="x", alpha=0.3)
+  # Written under a temporary name and renamed: array tasks of one sweep may write it at once.
+  tmp = _save(fig, workdir, f".{name}.{os.getpid()}.tmp.png", title)
+  path = os.path.join(workdir, name)
+  os.replace(tmp, path)
+  return path
