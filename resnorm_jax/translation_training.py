@@ -75,7 +75,7 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_sta
         grads, loss = lax.psum((grads, loss), axis_name)
       new_state, grad_norm = apply_gradients(tx, state, grads, loss,
                                              new_vars.get("batch_stats", {}),
-                                             stop_on_nonfinite)
+                                             stop_on_nonfinite, config.train.nonfinite_guard)
       metrics = dict(loss=loss, tokens=count, grad_norm=grad_norm,
                      learning_rate=schedule(state.step))
       if layer_stats:
