@@ -104,3 +104,32 @@ def test_conv_layout_rewrite_applies_on_cpu_only():
   convs = [e for e in eqns if e.primitive is jax.lax.conv_general_dilated_p]
   assert convs and all(conv_layout.is_canonical(e.params) for e in convs)
   np.testing.assert_allclose(rewritten(x, w), conv(x, w), rtol=1e-6)
+# ----------------------------------------------------------------------------------------
+# The device check (make device-check): its CPU smoke run.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_device_check_cpu_smoke_run(tmp_path):
+  """``benchmarks/device_check.py`` end to end at its CPU scale in a fresh process: every
+  section passes, and the report names the device, versions and command."""
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)   # the command sets its own host device count
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "device_check.py"),
+                         "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                        timeout=1800)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  report = json.loads((tmp_path / "device_check.json").read_text())
+  assert report["scale"] == "cpu" and report["environment"]["platform"] == "cpu"
+  assert report["environment"]["num_devices"] >= 2 and "device_check.py" in report["command"]
+  sections = {s["name"]: s for s in report["sections"]}
+  assert set(sections) >= {"numerics: norms x sync x styles", "numerics: skip x ordering",
+                           "numerics: attention", "numerics: cached decoding",
+                           "numerics: bf16 vs f32", "gating: CPU workarounds",
+                           "speed: resnet step", "speed: transformer step",
+                           "speed: moments draw", "speed: compile time"}
+  for s in report["sections"]:
+    assert s["status"] == "passed", s
+  checks = [c for s in report["sections"] for c in s.get("checks", [])]
+  assert len(checks) > 50 and all(c["ok"] for c in checks)
+  markdown = (tmp_path / "device_check.md").read_text()
+  assert "# Device check" in markdown and report["environment"]["jax"] in markdown
