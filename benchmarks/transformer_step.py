@@ -340,8 +340,10 @@ def parse_args(argv=None):
   p.add_argument("--loss_rtol", type=float, default=None,
                  help="tolerance of the JAX/PyTorch loss agreement (default 1e-4 float32 "
                       "on CPU, 2e-3 float32 (TF32) on GPU, 2e-2 bfloat16)")
-  p.add_argument("--guards", default="where",
-                 help="train.nonfinite_guard of the framework row, then extra rows: where,cond")
+  p.add_argument("--guards", default="auto",
+                 help="train.nonfinite_guard of the framework row (auto: the config default, "
+                      "cond on CPU, where elsewhere), then one row per further guard, e.g. "
+                      "where,cond")
   p.add_argument("--json", default=None, help="write the figures to this file")
   p.add_argument("--device_note", default="", help="free text recorded with the figures")
   return p.parse_args(argv)

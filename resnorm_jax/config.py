@@ -23,7 +23,7 @@ OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("constant", "piecewise", "cosine", "rsqrt")
 DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
-NONFINITE_GUARDS = ("where", "cond")
+NONFINITE_GUARDS = ("auto", "where", "cond")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -87,9 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_clip_norm = 0.0    # 0 = no clipping
   c.train.label_smoothing = 0.0
   c.train.on_nonfinite = "stop"   # stop | skip
-  # How a non-finite step's update is dropped: where (select per leaf) | cond (lax.cond);
-  # the same state either way, chosen by measurement (benchmarks/RESULTS.md).
-  c.train.nonfinite_guard = "where"
+  # How a non-finite step's update is dropped: where (select per leaf) | cond (lax.cond) |
+  # auto (cond on CPU, where elsewhere); the same state either way, chosen by measurement
+  # (training.resolve_guard, benchmarks/RESULTS.md).
+  c.train.nonfinite_guard = "auto"
   c.train.log_every_steps = 50
   # > 0: every N steps, per-layer gradient/parameter/update norms and the moments of every
   # residual unit's output to TensorBoard and layer_stats.jsonl (resnorm_jax/layer_stats.py).

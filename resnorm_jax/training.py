@@ -178,16 +178,25 @@ def abstract_state(task: Task) -> TrainState:
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
+def resolve_guard(guard: str, platform: str) -> str:
+  """``train.nonfinite_guard`` for ``platform``: ``auto`` is ``cond`` on CPU, where the
+  per-leaf selects of ``where`` made the Transformer-base step 1.15-1.25x a bare jitted step
+  and ``cond`` 0.98-1.01x (benchmarks/RESULTS.md), and ``where`` on GPU/TPU until timed
+  there (``benchmarks/transformer_step.py --guards where,cond``, the device check)."""
+  if guard == "auto":
+    return "cond" if platform == "cpu" else "where"
+  return guard
+
+
 def apply_gradients(tx, state: TrainState, grads, loss, batch_stats,
                     stop_on_nonfinite: bool, guard: str = "where") -> tuple[TrainState, jax.Array]:
   """One optimizer update, kept only when the loss and the gradient norm are finite (and no
   earlier step was non-finite in ``stop`` mode); returns (new state, ‖g‖₂).
 
-  ``guard`` (``train.nonfinite_guard``): ``where`` computes the update and selects new or
-  old values leaf by leaf; ``cond`` runs the update inside ``lax.cond`` (the skipped branch
-  does no work, but the conditional can keep XLA from fusing the update into the backward
-  pass).  Both give the same state; which is faster is measured per backend
-  (``benchmarks/transformer_step.py --guards``, benchmarks/RESULTS.md).
+  ``guard`` (``train.nonfinite_guard`` via :func:`resolve_guard`): ``where`` computes the
+  update and selects new or old values leaf by leaf; ``cond`` runs the update inside
+  ``lax.cond``, so a skipped step does no work and an accepted one no selects.  Both give
+  the same state.
   """
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -229,6 +238,7 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
   seed_key = jax.random.key(config.train.seed)
   smoothing = float(config.train.label_smoothing)
   stop_on_nonfinite = config.train.on_nonfinite == "stop"
+  guard = resolve_guard(config.train.nonfinite_guard, task.mesh.devices.flat[0].platform)
 
   def prepare(step, images, labels, indices):
     key = jax.random.fold_in(seed_key, step)
@@ -257,7 +267,7 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
         grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
       new_state, grad_norm = apply_gradients(task.tx, state, grads, loss,
                                              new_vars.get("batch_stats", {}),
-                                             stop_on_nonfinite, config.train.nonfinite_guard)
+                                             stop_on_nonfinite, guard)
       metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
                      learning_rate=task.schedule(state.step))
       if layer_stats:

@@ -16,7 +16,7 @@ import pytest
 from jax import export
 
 from resnorm_jax import conv_layout
-from resnorm_jax.training import TrainState, apply_gradients
+from resnorm_jax.training import TrainState, apply_gradients, resolve_guard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +63,12 @@ def test_unknown_guard_is_a_one_line_error():
   with pytest.raises(ValueError, match="unknown non-finite guard 'if'; valid choices: where, "
                      "cond"):
     apply_gradients(tx, state, state.params, jnp.asarray(1.0), state.batch_stats, False, "if")
+
+
+def test_auto_guard_per_platform():
+  assert resolve_guard("auto", "cpu") == "cond"
+  assert resolve_guard("auto", "gpu") == resolve_guard("auto", "tpu") == "where"
+  assert resolve_guard("where", "cpu") == "where" and resolve_guard("cond", "gpu") == "cond"
 
 
 def test_config_rejects_an_unknown_guard():
