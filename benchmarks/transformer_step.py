@@ -344,6 +344,8 @@ def parse_args(argv=None):
                  help="train.nonfinite_guard of the framework row (auto: the config default, "
                       "cond on CPU, where elsewhere), then one row per further guard, e.g. "
                       "where,cond")
+  p.add_argument("--cost_analysis", action="store_true",
+                 help="also print XLA's bytes accessed and FLOPs of each compiled JAX step")
   p.add_argument("--json", default=None, help="write the figures to this file")
   p.add_argument("--device_note", default="", help="free text recorded with the figures")
   return p.parse_args(argv)
@@ -390,7 +392,7 @@ def main(argv=None) -> dict:
   replicated, sharded = parallelism.replicated(mesh), parallelism.batch_sharded(mesh)
   src_fw, tgt_fw = jax.device_put(src_np, sharded), jax.device_put(tgt_np, sharded)
   guards = args.guards.split(",")
-  framework_rows = {}
+  framework_rows, programs = {}, {}
   for i, guard in enumerate(guards):
     config.train.nonfinite_guard = guard
     train_step = make_translation_train_step(config, mesh, model_for, tx, schedule)
@@ -399,8 +401,10 @@ def main(argv=None) -> dict:
     def framework_call(fw=fw, train_step=train_step):
       fw["state"], metrics = train_step(fw["state"], src_fw, tgt_fw)
       return fw["state"], metrics
-    framework_rows["framework" if i == 0 else f"framework, {guard} guard"] = (
-        framework_call, common.block)
+    name = "framework" if i == 0 else f"framework, {guard} guard"
+    framework_rows[name] = (framework_call, common.block)
+    programs[name] = lambda train_step=train_step, fw=fw: train_step.lower(
+        fw["state"], src_fw, tgt_fw)
 
   # Bare: value_and_grad + the same optax Adam, no framework.
   bare_step = make_bare_step(model, tx, smoothing)
@@ -414,6 +418,19 @@ def main(argv=None) -> dict:
     return loss
 
   contestants = {**framework_rows, "bare jit": (bare_call, common.block)}
+  programs["bare jit"] = lambda: bare_step.lower(bare["params"], bare["opt"], dropout_key,
+                                                 src_j, tgt_j)
+  cost = {}
+  if args.cost_analysis:   # XLA's static figures of each compiled step (load-independent)
+    for name, lower in programs.items():
+      analysis = lower().compile().cost_analysis()
+      analysis = analysis[0] if isinstance(analysis, list) else analysis
+      cost[name] = {"GB accessed": analysis.get("bytes accessed", 0.0) / 1e9,
+                    "GFLOP": analysis.get("flops", 0.0) / 1e9}
+    rows_cost = [{"program": k, **v, "GB / bare": v["GB accessed"] /
+                  cost["bare jit"]["GB accessed"]} for k, v in cost.items()]
+    common.print_table("XLA cost analysis of the compiled steps", rows_cost,
+                       ["program", "GB accessed", "GB / bare", "GFLOP"])
 
   torch = None if args.no_torch else common.torch_or_none()
   torch_params = torch_peak = None
@@ -516,7 +533,7 @@ def main(argv=None) -> dict:
 
   result = {"shape": {"batch": batch, "src_len": args.src_len, "tgt_len": args.tgt_len,
                       "dtype": args.dtype, "preset": args.preset, "vocab": cfg.vocab_size},
-            "guards": guards,
+            "guards": guards, "cost_analysis": cost,
             "rows": rows, "times_s": times, "flops_per_step": flops, "peak_flops": peak,
             "torch_peak_flops": torch_peak,
             "initial_loss": losses, "params": {"jax": jax_params, "pytorch": torch_params},
