@@ -212,8 +212,9 @@ def main(argv=None) -> dict:
     steps["torch nchw"] = TorchStep(torch, args.depth, args.batch, False, args.dtype)
     torch_params = steps["torch nchw"].num_params
   jax_params = sum(x.size for x in jax.tree_util.tree_leaves(steps["bare jit"].state[0]))
-  _, times = common.interleaved_rounds({k: (fn, common.block) for k, fn in steps.items()},
-                                      warmup=args.warmup, repeats=args.repeats)
+  first_call, times = common.interleaved_rounds(
+      {k: (fn, common.block) for k, fn in steps.items()}, warmup=args.warmup,
+      repeats=args.repeats)
 
   flops_per_step = 3 * forward_flops(cfg) * args.batch
   peak = common.matmul_peak_flops(
@@ -228,18 +229,19 @@ def main(argv=None) -> dict:
         "vs torch cl (speed)": (reference / t) if reference else "",
         "vs bare (time)": common.median([a / b for a, b in zip(times[name],
                                                                 times["bare jit"])]),
-        "MFU": flops_per_step / t / peak,
+        "MFU": flops_per_step / t / peak, "first call s": first_call[name],
     })
   title = (f"PreAct-ResNet-{args.depth}, batch {args.batch}, {args.dtype}, "
            f"{common.environment()['device']} ({jax.default_backend()})")
   common.print_table(title, rows, ["step", "median s", "examples/s", "vs torch cl (speed)",
-                                   "vs bare (time)", "MFU"])
+                                   "vs bare (time)", "MFU", "first call s"])
   print(f"\nparameters: ours {jax_params:,}"
         + (f", torch {torch_params:,}" if torch_params else "")
         + f"; analytic {flops_per_step / 1e9:.1f} GFLOP/step; measured matmul peak "
         f"{peak / 1e9:.0f} GFLOP/s; {args.repeats} interleaved rounds after "
         f"{args.warmup} warm-up")
   result = {"args": vars(args), "medians_s": medians, "times_s": times,
+            "first_call_s": first_call,
             "flops_per_step": flops_per_step, "peak_flops": peak,
             "params": {"jax": int(jax_params), "torch": torch_params}}
   common.write_json(args.json, result)
