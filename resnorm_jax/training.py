@@ -180,8 +180,8 @@ def abstract_state(task: Task) -> TrainState:
 
 def resolve_guard(guard: str, platform: str) -> str:
   """``train.nonfinite_guard`` for ``platform``: ``auto`` is ``cond`` on CPU, where the
-  per-leaf selects of ``where`` made the Transformer-base step 1.15-1.25x a bare jitted step
-  and ``cond`` 0.98-1.01x (benchmarks/RESULTS.md), and ``where`` on GPU/TPU until timed
+  per-leaf selects of ``where`` made the Transformer-base step 1.16-1.26x a bare jitted step
+  and ``cond`` 0.98-1.03x (benchmarks/RESULTS.md), and ``where`` on GPU/TPU until timed
   there (``benchmarks/transformer_step.py --guards where,cond``, the device check)."""
   if guard == "auto":
     return "cond" if platform == "cpu" else "where"
