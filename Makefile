@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test test-slow venv clean-venv
+.PHONY: run test test-slow device-check venv clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+# Numerics, speed ratios and a report for this host's backend (benchmarks/device_check.py);
+# e.g. ARGS='--out /tmp/check'.  On the GPU machine, without the venv: see README "Speed".
+device-check: $(STAMP)
+	$(PY) benchmarks/device_check.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,7 +6,9 @@ One run times, interleaved round by round so that any background load hits all a
   on-device gather + crop/flip augmentation + normalization, the train step with its
   non-finite guard, gradient norm and metrics (configs/cifar_resnet.py, synthetic data);
 * ``bare jit``   – the same Flax model and SGD-Nesterov update in one ``jax.jit`` with
-  donated buffers and nothing else (the framework's overhead is framework / bare);
+  donated buffers and nothing else (the framework's overhead is framework / bare, the
+  median of the per-round ratios); ``--guards auto,where,cond`` adds a framework row per
+  further ``train.nonfinite_guard``;
 * ``torch cl`` / ``torch nchw`` – the same network written in PyTorch, eager, channels-last
   and default layout (He et al. 2016's full pre-activation unit, 1x1 projection shortcuts
   at the stage transitions, same widths, BatchNorm momentum, SGD-Nesterov, weight decay);
@@ -184,6 +186,9 @@ def main(argv=None) -> dict:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--scan_stages", action="store_true",
                  help="also time the framework step with model.scan_stages=true")
+  p.add_argument("--guards", default="auto",
+                 help="train.nonfinite_guard of the framework row, then one row per further "
+                      "guard (e.g. auto,where,cond)")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
   p.add_argument("--peak_sizes", default="1024,2048",
                  help="square matmul sizes for the measured peak")
@@ -191,7 +196,12 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
 
   cfg = make_config(args.depth, args.batch, args.dtype)
-  steps = {"framework": FrameworkStep(cfg), "bare jit": BareStep(cfg)}
+  steps = {}
+  for i, guard in enumerate(args.guards.split(",")):
+    guarded = make_config(args.depth, args.batch, args.dtype)
+    guarded.train.nonfinite_guard = guard
+    steps["framework" if i == 0 else f"framework, {guard} guard"] = FrameworkStep(guarded)
+  steps["bare jit"] = BareStep(cfg)
   if args.scan_stages:
     steps["framework, scanned stages"] = FrameworkStep(
         make_config(args.depth, args.batch, args.dtype, scan_stages=True))
@@ -202,8 +212,9 @@ def main(argv=None) -> dict:
     steps["torch nchw"] = TorchStep(torch, args.depth, args.batch, False, args.dtype)
     torch_params = steps["torch nchw"].num_params
   jax_params = sum(x.size for x in jax.tree_util.tree_leaves(steps["bare jit"].state[0]))
-  _, times = common.interleaved_rounds({k: (fn, common.block) for k, fn in steps.items()},
-                                      warmup=args.warmup, repeats=args.repeats)
+  first_call, times = common.interleaved_rounds(
+      {k: (fn, common.block) for k, fn in steps.items()}, warmup=args.warmup,
+      repeats=args.repeats)
 
   flops_per_step = 3 * forward_flops(cfg) * args.batch
   peak = common.matmul_peak_flops(
@@ -216,19 +227,21 @@ def main(argv=None) -> dict:
     rows.append({
         "step": name, "median s": t, "examples/s": args.batch / t,
         "vs torch cl (speed)": (reference / t) if reference else "",
-        "vs bare (time)": t / medians["bare jit"],
-        "MFU": flops_per_step / t / peak,
+        "vs bare (time)": common.median([a / b for a, b in zip(times[name],
+                                                                times["bare jit"])]),
+        "MFU": flops_per_step / t / peak, "first call s": first_call[name],
     })
   title = (f"PreAct-ResNet-{args.depth}, batch {args.batch}, {args.dtype}, "
            f"{common.environment()['device']} ({jax.default_backend()})")
   common.print_table(title, rows, ["step", "median s", "examples/s", "vs torch cl (speed)",
-                                   "vs bare (time)", "MFU"])
+                                   "vs bare (time)", "MFU", "first call s"])
   print(f"\nparameters: ours {jax_params:,}"
         + (f", torch {torch_params:,}" if torch_params else "")
         + f"; analytic {flops_per_step / 1e9:.1f} GFLOP/step; measured matmul peak "
         f"{peak / 1e9:.0f} GFLOP/s; {args.repeats} interleaved rounds after "
         f"{args.warmup} warm-up")
   result = {"args": vars(args), "medians_s": medians, "times_s": times,
+            "first_call_s": first_call,
             "flops_per_step": flops_per_step, "peak_flops": peak,
             "params": {"jax": int(jax_params), "torch": torch_params}}
   common.write_json(args.json, result)

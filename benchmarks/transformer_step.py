@@ -19,7 +19,13 @@ one process, interleaved round by round (median over ``--repeats`` rounds):
   mean loss, the framework's optax Adam, parameters and optimizer state donated);
 * ``framework``: the real train step of ``resnorm_jax.translation_training``
   (``make_translation_train_step``: dropout keys from the step, global-batch token
-  normalization, gradient norm, non-finite guard, metrics), on a 1-device mesh.
+  normalization, gradient norm, non-finite guard, metrics), on a 1-device mesh, with the
+  first guard of ``--guards`` (``train.nonfinite_guard``); each further guard adds a row
+  ``framework, <guard> guard``.
+
+``time / bare`` is the median over rounds of each round's ratio (the two calls of a round
+run back to back, so a load change between rounds cancels out); ``min ms`` is the fastest
+round.
 
 Before timing, the two implementations are checked to have the same parameter count and,
 with the same weights and dropout off, the same loss on the batch.
@@ -334,6 +340,12 @@ def parse_args(argv=None):
   p.add_argument("--loss_rtol", type=float, default=None,
                  help="tolerance of the JAX/PyTorch loss agreement (default 1e-4 float32 "
                       "on CPU, 2e-3 float32 (TF32) on GPU, 2e-2 bfloat16)")
+  p.add_argument("--guards", default="auto",
+                 help="train.nonfinite_guard of the framework row (auto: the config default, "
+                      "cond on CPU, where elsewhere), then one row per further guard, e.g. "
+                      "where,cond")
+  p.add_argument("--cost_analysis", action="store_true",
+                 help="also print XLA's bytes accessed and FLOPs of each compiled JAX step")
   p.add_argument("--json", default=None, help="write the figures to this file")
   p.add_argument("--device_note", default="", help="free text recorded with the figures")
   return p.parse_args(argv)
@@ -376,15 +388,23 @@ def main(argv=None) -> dict:
   jax_params = num_params(params)
   host_params = jax.device_get(params)
 
-  # Framework: the real train step on a 1-device mesh, batch-sharded inputs.
+  # Framework: the real train step on a 1-device mesh, batch-sharded inputs, per guard.
   replicated, sharded = parallelism.replicated(mesh), parallelism.batch_sharded(mesh)
-  train_step = make_translation_train_step(config, mesh, model_for, tx, schedule)
-  fw = {"state": jax.device_put(framework_state(copy_tree(params), tx), replicated)}
   src_fw, tgt_fw = jax.device_put(src_np, sharded), jax.device_put(tgt_np, sharded)
+  guards = args.guards.split(",")
+  framework_rows, programs = {}, {}
+  for i, guard in enumerate(guards):
+    config.train.nonfinite_guard = guard
+    train_step = make_translation_train_step(config, mesh, model_for, tx, schedule)
+    fw = {"state": jax.device_put(framework_state(copy_tree(params), tx), replicated)}
 
-  def framework_call():
-    fw["state"], metrics = train_step(fw["state"], src_fw, tgt_fw)
-    return fw["state"], metrics
+    def framework_call(fw=fw, train_step=train_step):
+      fw["state"], metrics = train_step(fw["state"], src_fw, tgt_fw)
+      return fw["state"], metrics
+    name = "framework" if i == 0 else f"framework, {guard} guard"
+    framework_rows[name] = (framework_call, common.block)
+    programs[name] = lambda train_step=train_step, fw=fw: train_step.lower(
+        fw["state"], src_fw, tgt_fw)
 
   # Bare: value_and_grad + the same optax Adam, no framework.
   bare_step = make_bare_step(model, tx, smoothing)
@@ -397,8 +417,20 @@ def main(argv=None) -> dict:
                                                   src_j, tgt_j)
     return loss
 
-  contestants = {"framework": (framework_call, common.block),
-                 "bare jit": (bare_call, common.block)}
+  contestants = {**framework_rows, "bare jit": (bare_call, common.block)}
+  programs["bare jit"] = lambda: bare_step.lower(bare["params"], bare["opt"], dropout_key,
+                                                 src_j, tgt_j)
+  cost = {}
+  if args.cost_analysis:   # XLA's static figures of each compiled step (load-independent)
+    for name, lower in programs.items():
+      analysis = lower().compile().cost_analysis()
+      analysis = analysis[0] if isinstance(analysis, list) else analysis
+      cost[name] = {"GB accessed": analysis.get("bytes accessed", 0.0) / 1e9,
+                    "GFLOP": analysis.get("flops", 0.0) / 1e9}
+    rows_cost = [{"program": k, **v, "GB / bare": v["GB accessed"] /
+                  cost["bare jit"]["GB accessed"]} for k, v in cost.items()]
+    common.print_table("XLA cost analysis of the compiled steps", rows_cost,
+                       ["program", "GB accessed", "GB / bare", "GFLOP"])
 
   torch = None if args.no_torch else common.torch_or_none()
   torch_params = torch_peak = None
@@ -471,8 +503,9 @@ def main(argv=None) -> dict:
            "params": torch_params if name == "pytorch eager" else jax_params}
     if "pytorch eager" in step:
       row["time / pytorch"] = step[name] / step["pytorch eager"]
-    if name == "framework":
-      row["time / bare"] = step["framework"] / step["bare jit"]
+    if name.startswith("framework"):
+      row["time / bare"] = common.median(
+          [a / b for a, b in zip(times[name], times["bare jit"])])
     rows.append(row)
 
   env = common.environment()
@@ -500,6 +533,7 @@ def main(argv=None) -> dict:
 
   result = {"shape": {"batch": batch, "src_len": args.src_len, "tgt_len": args.tgt_len,
                       "dtype": args.dtype, "preset": args.preset, "vocab": cfg.vocab_size},
+            "guards": guards, "cost_analysis": cost,
             "rows": rows, "times_s": times, "flops_per_step": flops, "peak_flops": peak,
             "torch_peak_flops": torch_peak,
             "initial_loss": losses, "params": {"jax": jax_params, "pytorch": torch_params},

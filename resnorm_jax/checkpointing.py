@@ -446,6 +446,7 @@ def check_config_compatible(workdir: str, config_dict: Any,
 RESUME_SECTIONS = ("train", "data", "translation", "parallel.bn_sync")
 RESUME_NEUTRAL = frozenset({
     "train.log_every_steps", "train.layer_stats_every_steps", "train.on_nonfinite",
+    "train.nonfinite_guard",
     "data.data_dir", "data.source", "translation.beam_size", "translation.length_penalty",
     "translation.eval_max_sentences"})
 

@@ -23,6 +23,7 @@ OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("constant", "piecewise", "cosine", "rsqrt")
 DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
+NONFINITE_GUARDS = ("auto", "where", "cond")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -86,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_clip_norm = 0.0    # 0 = no clipping
   c.train.label_smoothing = 0.0
   c.train.on_nonfinite = "stop"   # stop | skip
+  # How a non-finite step's update is dropped: where (select per leaf) | cond (lax.cond) |
+  # auto (cond on CPU, where elsewhere); the same state either way, chosen by measurement
+  # (training.resolve_guard, benchmarks/RESULTS.md).
+  c.train.nonfinite_guard = "auto"
   c.train.log_every_steps = 50
   # > 0: every N steps, per-layer gradient/parameter/update norms and the moments of every
   # residual unit's output to TensorBoard and layer_stats.jsonl (resnorm_jax/layer_stats.py).
@@ -213,6 +218,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
   _choice(t.schedule, SCHEDULES, "train.schedule")
   _choice(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")
+  _choice(t.nonfinite_guard, NONFINITE_GUARDS, "train.nonfinite_guard")
   from resnorm_jax import translation
   _choice(config.data.name, data_lib.DATASETS.names() +
           translation.TRANSLATION_DATASETS.names(), "data.name")

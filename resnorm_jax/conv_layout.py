@@ -132,3 +132,10 @@ def canonicalize_convs(fn: Callable) -> Callable:
     out = jcore.jaxpr_as_fun(_rewrite(closed))(*jax.tree_util.tree_leaves(args))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
   return wrapped
+
+
+def for_platform(fn: Callable, platform: str) -> Callable:
+  """:func:`canonicalize_convs` (``fn``) on ``cpu``, where XLA needs it; ``fn`` itself on
+  ``gpu``/``tpu`` and any other platform, whose compilers choose convolution layouts in loop
+  bodies too, so the rewrite would only add transposes there."""
+  return canonicalize_convs(fn) if platform == "cpu" else fn

@@ -176,22 +176,47 @@ def abstract_state(task: Task) -> TrainState:
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
+def resolve_guard(guard: str, platform: str) -> str:
+  """``train.nonfinite_guard`` for ``platform``: ``auto`` is ``cond`` on CPU, where the
+  per-leaf selects of ``where`` made the Transformer-base step 1.16-1.26x a bare jitted step
+  and ``cond`` 0.98-1.03x (benchmarks/RESULTS.md), and ``where`` on GPU/TPU until timed
+  there (``benchmarks/transformer_step.py --guards where,cond``, the device check)."""
+  if guard == "auto":
+    return "cond" if platform == "cpu" else "where"
+  return guard
+
+
 def apply_gradients(tx, state: TrainState, grads, loss, batch_stats,
-                    stop_on_nonfinite: bool) -> tuple[TrainState, jax.Array]:
+                    stop_on_nonfinite: bool, guard: str = "where") -> tuple[TrainState, jax.Array]:
   """One optimizer update, kept only when the loss and the gradient norm are finite (and no
-  earlier step was non-finite in ``stop`` mode); returns (new state, ‖g‖₂)."""
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  earlier step was non-finite in ``stop`` mode); returns (new state, ‖g‖₂).
+
+  ``guard`` (``train.nonfinite_guard`` via :func:`resolve_guard`): ``where`` computes the
+  update and selects new or old values leaf by leaf; ``cond`` runs the update inside
+  ``lax.cond``, so a skipped step does no work and an accepted one no selects.  Both give
+  the same state.
+  """
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   accept = finite & (state.nonfinite_step < 0)
-  keep = lambda new, old: jax.tree_util.tree_map(
-      lambda a, b: jnp.where(accept, a, b), new, old)
+
+  def update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), batch_stats, opt_state
+
+  if guard == "cond":
+    params, batch_stats, opt_state = lax.cond(
+        accept, update, lambda _: (state.params, state.batch_stats, state.opt_state), None)
+  elif guard == "where":
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda a, b: jnp.where(accept, a, b), new, old)
+    params, batch_stats, opt_state = keep(
+        update(None), (state.params, state.batch_stats, state.opt_state))
+  else:
+    raise ValueError(f"unknown non-finite guard {guard!r}; valid choices: where, cond")
   first_bad = (~finite) & (state.nonfinite_step < 0) & stop_on_nonfinite
   new_state = TrainState(
-      step=state.step + 1, params=keep(params, state.params),
-      batch_stats=keep(batch_stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state),
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
       nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
   return new_state, grad_norm
@@ -211,6 +236,7 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
   seed_key = jax.random.key(config.train.seed)
   smoothing = float(config.train.label_smoothing)
   stop_on_nonfinite = config.train.on_nonfinite == "stop"
+  guard = resolve_guard(config.train.nonfinite_guard, task.mesh.devices.flat[0].platform)
 
   def prepare(step, images, labels, indices):
     key = jax.random.fold_in(seed_key, step)
@@ -239,7 +265,7 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
         grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
       new_state, grad_norm = apply_gradients(task.tx, state, grads, loss,
                                              new_vars.get("batch_stats", {}),
-                                             stop_on_nonfinite)
+                                             stop_on_nonfinite, guard)
       metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
                      learning_rate=task.schedule(state.step))
       if layer_stats:
@@ -262,10 +288,10 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
   def train_step(state, images, labels, indices):
     key, x, y = prepare(state.step, images, labels, indices)
     return parallel_step(state, key, x, y)
-  if config.model.get("scan_stages") and task.mesh.devices.flat[0].platform == "cpu":
+  if config.model.get("scan_stages"):
     # XLA:CPU leaves the convolution gradients inside the scanned stages' loops on its slow
-    # path; rewrite them to its fast layout (see resnorm_jax/conv_layout.py).
-    train_step = conv_layout.canonicalize_convs(train_step)
+    # path; rewrite them to its fast layout there (see resnorm_jax/conv_layout.py).
+    train_step = conv_layout.for_platform(train_step, task.mesh.devices.flat[0].platform)
   return jax.jit(train_step, donate_argnums=0)
 
 

@@ -34,7 +34,7 @@ from resnorm_jax import decoding, layer_stats as layer_stats_lib, models, parall
 from resnorm_jax import translation
 from resnorm_jax.models.transformer import (label_smoothed_cross_entropy, padding_mask,
                                             shift_right, target_mask)
-from resnorm_jax.training import TrainState, apply_gradients, make_optimizer
+from resnorm_jax.training import TrainState, apply_gradients, make_optimizer, resolve_guard
 
 
 def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_stats=False):
@@ -45,6 +45,7 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_sta
   seed_key = jax.random.key(config.train.seed)
   smoothing = float(config.train.label_smoothing)
   stop_on_nonfinite = config.train.on_nonfinite == "stop"
+  guard = resolve_guard(config.train.nonfinite_guard, mesh.devices.flat[0].platform)
 
   def make_fn(axis_name):
     model = model_for(axis_name)
@@ -75,7 +76,7 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_sta
         grads, loss = lax.psum((grads, loss), axis_name)
       new_state, grad_norm = apply_gradients(tx, state, grads, loss,
                                              new_vars.get("batch_stats", {}),
-                                             stop_on_nonfinite)
+                                             stop_on_nonfinite, guard)
       metrics = dict(loss=loss, tokens=count, grad_norm=grad_norm,
                      learning_rate=schedule(state.step))
       if layer_stats:

@@ -84,6 +84,8 @@ def test_presets_and_config_errors():
     tiny(norm="layr")
   with pytest.raises(ConfigError, match="eos_id"):
     tiny(eos_id=PAD)
+  with pytest.raises(ConfigError, match="attention must be one of auto, xla, cudnn, einsum"):
+    tiny(attention="flash")
 
 
 @pytest.mark.parametrize("preset", ["base", "big", "iwslt"])
@@ -258,6 +260,91 @@ def test_batchnorm_statistics_ignore_padding(skip):
   chex.assert_trees_all_close(stats3, stats, rtol=1e-4, atol=1e-5)
   # Control: the same perturbation does change the pad positions themselves.
   assert not np.allclose(np.asarray(logits3)[~real], np.asarray(logits)[~real])
+
+
+# ----------------------------------------------------------------------------------------
+# Attention: jax.nn.dot_product_attention against the written-out formula.
+# ----------------------------------------------------------------------------------------
+def np_attention(q, k, v, mask):
+  """softmax(q kᵀ / sqrt(d) + mask) v in float64; a fully masked row averages all values."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  mask = np.broadcast_to(np.asarray(mask), logits.shape)
+  logits = np.where(mask, logits, -np.inf)
+  logits = np.where(mask.any(-1, keepdims=True), logits, 0.0)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def attention_inputs(dtype=jnp.float32, t=5, s=7):
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, n, 2, 8)), dtype) for n in (t, s, s))
+  keys = np.ones((3, s), bool)
+  keys[0, 4:] = False   # padding
+  keys[2, :] = False    # a fully masked row: uniform weights, never NaN
+  causal = np.tril(np.ones((t, s), bool), k=s - t)
+  return q, k, v, {"padding": keys[:, None, None, :],
+                   "causal and padding": keys[:, None, None, :] & causal[None, None]}
+
+
+@pytest.mark.parametrize("kind", ["padding", "causal and padding"])
+def test_fused_attention_equals_the_formula(kind):
+  from resnorm_jax.models.transformer import einsum_attention, fused_attention
+  q, k, v, masks = attention_inputs()
+  mask = jnp.asarray(masks[kind])
+  fused = jax.jit(fused_attention, static_argnums=4)(q, k, v, mask, "auto")
+  chex.assert_trees_all_close(fused, np_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(fused, einsum_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
+  # Gradients with respect to q, k and v agree too.
+  w = jnp.asarray(np.random.default_rng(1).normal(size=fused.shape), jnp.float32)
+  grads = [jax.grad(lambda *a: jnp.sum(f(*a, mask) * w), argnums=(0, 1, 2))(q, k, v)
+           for f in (fused_attention, einsum_attention)]
+  chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+  # bfloat16 inputs: float32 logits and softmax, within bfloat16 rounding of the formula.
+  qb, kb, vb = (a.astype(jnp.bfloat16) for a in (q, k, v))
+  low = fused_attention(qb, kb, vb, mask)
+  assert low.dtype == jnp.bfloat16
+  chex.assert_trees_all_close(low.astype(jnp.float32), np_attention(qb, kb, vb, mask),
+                              rtol=2e-2, atol=2e-2)
+
+
+def test_attention_implementation_per_backend():
+  """auto: cuDNN's fused kernel only on GPU for 16-bit compute; XLA's on CPU/TPU and f32."""
+  from resnorm_jax.models.transformer import attention_implementation
+  gpu = jax.default_backend() == "gpu"
+  assert attention_implementation("auto", jnp.float32) == "xla"
+  assert attention_implementation("auto", jnp.bfloat16) == ("cudnn" if gpu else "xla")
+  assert attention_implementation("auto", jnp.float16) == ("cudnn" if gpu else "xla")
+  assert attention_implementation("einsum", jnp.bfloat16) == "einsum"
+
+
+@pytest.mark.parametrize("skip", ["post_ln", "pre_ln"])
+def test_model_attention_paths_agree(skip):
+  """The model through jax.nn.dot_product_attention equals the written-out einsum path:
+  logits, loss gradients (train mode, dropout on) and cached decoding."""
+  cfgs = [tiny(skip=skip, num_encoder_layers=1, num_decoder_layers=1, attention=a)
+          for a in ("auto", "einsum")]
+  models_ = [Transformer(c) for c in cfgs]
+  variables = init(models_[0])
+  src, tgt = jnp.asarray(SRC), jnp.asarray(TGT)
+
+  @fast_jit
+  def run(variables):
+    out = []
+    for model in models_:
+      logits = model.apply(variables, src, shift_right(tgt, BOS))
+      grads = jax.grad(lambda p: loss_fn(model, p, {}, src, tgt, jax.random.PRNGKey(3))[0])(
+          variables["params"])
+      encoded = model.apply(variables, src, method=model.encode)
+      cache = model.apply(variables, encoded, src != PAD, 4, method=model.init_cache)
+      step_logits, _ = model.apply(variables, tgt[:, 0], cache, src != PAD,
+                                   method=model.decode_step)
+      out.append((logits, grads, step_logits))
+    return out
+
+  fused, einsum = run(variables)
+  chex.assert_trees_all_close(fused, einsum, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------

@@ -31,12 +31,19 @@ between steps, so a step runs inside ``jax.jit`` / ``lax.while_loop`` (see
 
 Parameters are always float32; ``dtype`` is the compute dtype.  Attention logits, softmax,
 norm statistics and output logits are computed in float32.
+
+Attention runs through ``jax.nn.dot_product_attention`` (``TransformerConfig.attention``):
+``auto`` picks cuDNN's fused kernel on a GPU for bfloat16/float16 compute and XLA's
+implementation elsewhere (``attention_implementation``); weights dropout
+(``attention_dropout_rate`` > 0 in training), which the fused function has no place for,
+and ``einsum`` use the explicit softmax(QKᵀ/sqrt(d_k) + mask)V written out here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -79,6 +86,9 @@ class TransformerConfig:
       combinators whose output is not normalized but whose branch input is (``pre_ln``,
       Xiong et al. 2020), off otherwise.
     pad_id, bos_id, eos_id: special token ids (``bos_id`` starts every decoder input).
+    attention: ``auto``, ``xla``, ``cudnn`` (``jax.nn.dot_product_attention`` with that
+      implementation; ``auto``: see :func:`attention_implementation`) or ``einsum`` (the
+      explicit formula; always used for attention-weights dropout in training).
   """
   vocab_size: int
   num_encoder_layers: int = 6
@@ -100,9 +110,13 @@ class TransformerConfig:
   pad_id: int = 0
   bos_id: int = 1
   eos_id: int = 2
+  attention: str = "auto"
 
   def __post_init__(self):
     validate_config(self)
+
+
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "einsum")
 
 
 def validate_config(cfg: TransformerConfig) -> None:
@@ -131,6 +145,8 @@ def validate_config(cfg: TransformerConfig) -> None:
   need(cfg.bos_id != cfg.eos_id, f"bos_id and eos_id must differ, both are {cfg.eos_id}")
   COMBINATORS.entry(cfg.skip)  # unknown names list the valid choices
   NORMS.entry(cfg.norm)
+  need(cfg.attention in ATTENTION_CHOICES,
+       f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {cfg.attention!r}")
   need(jnp.dtype(cfg.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                                 jnp.dtype(jnp.float16)),
        f"dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
@@ -280,6 +296,48 @@ def label_smoothed_cross_entropy(logits: Array, targets: Array, pad_id: int = 0,
   return jnp.sum(loss * mask), jnp.sum(mask)
 
 
+def attention_implementation(requested: str, dtype) -> str:
+  """The ``jax.nn.dot_product_attention`` implementation for ``requested``: ``auto`` is
+  ``cudnn`` (fused flash attention) on a GPU for bfloat16/float16 compute, where cuDNN has
+  its kernels, and ``xla`` otherwise (float32, CPU, TPU)."""
+  if requested != "auto":
+    return requested
+  low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if low_precision and jax.default_backend() == "gpu" else "xla"
+
+
+def einsum_attention(q: Array, k: Array, v: Array, mask: Array, dropout=lambda w: w) -> Array:
+  """softmax(q kᵀ / sqrt(d_k) + mask) v written out: (B, T, heads, d_k) queries, (B, S, heads,
+  d_k) keys and values; logits and softmax in float32; ``dropout`` on the weights."""
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = dropout(jax.nn.softmax(logits, axis=-1))
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+_CUDNN_FALLBACKS: set = set()
+
+
+def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str = "auto"):
+  """The same attention through ``jax.nn.dot_product_attention`` (logits and softmax in
+  float32 there too).  ``auto`` (see :func:`attention_implementation`) falls back to XLA,
+  with one log line per shape, where cuDNN has no kernel for the shapes or dtype; an
+  explicit ``cudnn`` raises instead."""
+  chosen = attention_implementation(implementation, q.dtype)
+  if chosen == "cudnn" and implementation == "auto":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    except (NotImplementedError, ValueError, RuntimeError) as e:
+      key = (q.shape, k.shape, str(q.dtype))
+      if key not in _CUDNN_FALLBACKS:
+        _CUDNN_FALLBACKS.add(key)
+        logging.info("cuDNN attention unavailable for q %s, k %s, %s (%s); using XLA's",
+                     q.shape, k.shape, q.dtype, e)
+      chosen = "xla"
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=chosen)
+
+
 # ----------------------------------------------------------------------------------------
 # Sublayers.
 # ----------------------------------------------------------------------------------------
@@ -289,7 +347,8 @@ class MultiHeadAttention(nn.Module):
 
   ``project_kv`` and ``attend`` are separate so that a decoder can cache the projected keys
   and values.  ``mask`` is boolean, broadcastable to (B, heads, T_q, T_k), True = attend;
-  a fully masked row gives uniform weights (never NaN).  W_V and W_O are initialised with
+  a fully masked row gives uniform weights (never NaN).  ``implementation``: see
+  :class:`TransformerConfig`'s ``attention``.  W_V and W_O are initialised with
   gain ``value_init_scale`` (DeepNet's β), W_Q and W_K with gain 1.
   """
   features: int
@@ -297,6 +356,7 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   value_init_scale: float = 1.0
   dtype: Any = jnp.float32
+  implementation: str = "auto"
 
   def setup(self):
     dense = lambda gain: nn.Dense(self.features, dtype=self.dtype, param_dtype=jnp.float32,
@@ -316,12 +376,10 @@ class MultiHeadAttention(nn.Module):
 
   def attend(self, x: Array, k: Array, v: Array, mask: Array, *, train: bool = False):
     q = self._heads(self.query(x))
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = self.dropout(weights, deterministic=not train)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    if self.implementation == "einsum" or (train and self.dropout_rate > 0):
+      out = einsum_attention(q, k, v, mask, lambda w: self.dropout(w, deterministic=not train))
+    else:
+      out = fused_attention(q, k, v, mask, self.implementation)
     return self.out(out.reshape(out.shape[:2] + (self.features,)))
 
   def __call__(self, x: Array, source: Array, mask: Array, *, train: bool = False):
@@ -345,7 +403,8 @@ class FeedForward(nn.Module):
 
 def _attention(cfg: TransformerConfig, beta: float, name: str) -> MultiHeadAttention:
   return MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.attention_dropout_rate,
-                            value_init_scale=beta, dtype=jnp.dtype(cfg.dtype), name=name)
+                            value_init_scale=beta, dtype=jnp.dtype(cfg.dtype),
+                            implementation=cfg.attention, name=name)
 
 
 def _ffn(cfg: TransformerConfig, beta: float) -> FeedForward:
