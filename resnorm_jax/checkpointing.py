@@ -46,7 +46,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from typing import Any, Iterable, Mapping
 
@@ -54,6 +53,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from resnorm_jax import workdir as workdir_lib
 from resnorm_jax.layers.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -405,17 +405,7 @@ def save_config_json(workdir: str, config_dict: Any) -> str:
     return path
   os.makedirs(workdir, exist_ok=True)
   text = json.dumps(_plain(config_dict), indent=2, sort_keys=True, default=_json_default)
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  workdir_lib.write_atomic(path, (text + "\n").encode())
   return path
 
 

@@ -315,6 +315,24 @@ def _describe_owner(owner: dict, age: float) -> str:
 # ----------------------------------------------------------------------------------------
 # JSON-lines repair.
 # ----------------------------------------------------------------------------------------
+def write_atomic(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` through a synced temporary file renamed over it, so a crash
+  leaves the old file or the new one, never a part."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def read_jsonl(path: str) -> list[dict]:
   """The complete records of a JSON-lines file: a last line without its newline (cut by a
   crash while it was written) is left out; any other unreadable line is an error."""
@@ -359,17 +377,5 @@ def repair_jsonl(path: str, keep: Callable[[dict], bool],
   text = "".join(json.dumps(r) + "\n" for r in kept).encode()
   if text == data:
     return len(kept), 0
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  write_atomic(path, text)
   return len(kept), len(lines) + (1 if data and not data.endswith(b"\n") else 0) - len(kept)

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny image configs, running steps, reading a finished run's state,
 tiny CLI settings."""
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -113,6 +114,22 @@ CLI_TINY = ["--config.model.depth=8", "--config.model.width=4",
             "--config.parallel.num_devices=1"]
 
 
+
+
+@contextlib.contextmanager
+def fast_compile_options():
+  """Within the block, jit trades XLA code quality for compile time (tiny programs run a few
+  times).  The optimization level is part of the jit cache key, so no other test reuses
+  these executables."""
+  previous = (jax.config.jax_optimization_level,
+              jax.config.values.get("jax_disable_most_optimizations", False))
+  jax.config.update("jax_optimization_level", "O0")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_optimization_level", previous[0])
+    jax.config.update("jax_disable_most_optimizations", previous[1])
 
 
 def load_benchmark(name):

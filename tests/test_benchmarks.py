@@ -6,20 +6,13 @@ import json
 import jax
 import pytest
 
-from helpers import load_benchmark as load_script
+from helpers import fast_compile_options, load_benchmark as load_script
 
 
-# Tiny programs run a few times: trade XLA code quality for compile time.  The optimization
-# level is part of the jit cache key, so no other test reuses these executables.
 @pytest.fixture
 def fast_compile():
-  previous = (jax.config.jax_optimization_level,
-              jax.config.values.get("jax_disable_most_optimizations", False))
-  jax.config.update("jax_optimization_level", "O0")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_optimization_level", previous[0])
-  jax.config.update("jax_disable_most_optimizations", previous[1])
+  with fast_compile_options():
+    yield
 
 
 TINY = ["--preset", "tiny", "--layers", "1", "--vocab", "40", "--batch", "2", "--src_len", "6",

@@ -17,7 +17,7 @@ import yaml
 from scipy import stats
 
 from resnorm_jax import experiments, sweep, training
-from helpers import CLI_TINY, REPO
+from helpers import fast_compile_options, CLI_TINY, REPO
 
 CONFIGS = ("he2016_shortcuts", "he2016_units", "he2016_preact", "liu2020_resnet",
            "liu2020_translation", "liu2020_bn_for_ln")
@@ -43,13 +43,8 @@ def _tree_state(root):
 @pytest.fixture(scope="module")
 def fast_compile():
   """Tiny programs: XLA code quality traded for compile time (here and in subprocesses)."""
-  previous = (jax.config.jax_optimization_level,
-              jax.config.values.get("jax_disable_most_optimizations", False))
-  jax.config.update("jax_optimization_level", "O0")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_optimization_level", previous[0])
-  jax.config.update("jax_disable_most_optimizations", previous[1])
+  with fast_compile_options():
+    yield
 
 
 # ----------------------------------------------------------------------------------------
