@@ -47,11 +47,10 @@ class MetricWriter:
     """Repairs ``filename`` (see the class docstring) and opens it for appending."""
     path = os.path.join(self.workdir, filename)
     last = self.resume_step
-    workdir_lib.repair_jsonl(
+    kept = workdir_lib.repair_jsonl(
         path, keep=lambda r: last is None or int(r.get("step", 0)) <= last,
         key=lambda r: self._key(filename, r))
-    self._keys[filename] = ({self._key(filename, r) for r in workdir_lib.read_jsonl(path)}
-                            if os.path.exists(path) else set())
+    self._keys[filename] = {self._key(filename, r) for r in kept}
     self._files[filename] = open(path, "a", buffering=1)
     return self._files[filename]
 

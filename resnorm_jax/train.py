@@ -210,8 +210,9 @@ def run_guarded(fn, workdir: str):
 def _internal_error(error: BaseException):
   import traceback  # pylint: disable=import-outside-toplevel
   traceback.print_exception(error)
-  fail(f"internal error ({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}); "
-       "this is a bug: please report it with the traceback above", EXIT_INTERNAL)
+  first_line = str(error).splitlines()[0][:300] if str(error) else ""
+  fail(f"internal error ({type(error).__name__}: {first_line}); this is a bug: please "
+       "report it with the traceback above", EXIT_INTERNAL)
 
 
 def run_command(prog: str, define, main_fn, flags_parser) -> None:

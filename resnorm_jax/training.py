@@ -414,9 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lock = workdir_lib.WorkdirLock(workdir)
   with checkpointing.PreemptionGuard(sigint=True, on_abort=lock.release) as guard, \
       quiet_storage_logs():
-    config_lib.validate_workdir(workdir)
+    workdir_lib.check_workdir(workdir, parent_must_exist=False)   # URL, file, read-only
     config_lib.validate(config, jax.device_count())
-    workdir_lib.check_workdir(workdir, parent_must_exist=False)
     mesh = parallelism.make_mesh(config.parallel.num_devices)
     job = make_job(config, mesh)                          # a data error writes nothing
     try:
@@ -461,7 +460,7 @@ def state_bytes(abstract) -> int:
 def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
   """The loop of :func:`train_and_evaluate`, in a locked workdir."""
   config_dict = config.to_dict()
-  changes, previous_config = [], None
+  previous_config = None
   checkpointing.check_config_compatible(workdir, config_dict)
   changes = checkpointing.resume_changes(workdir, config_dict)
   abstract = job.abstract_state()
@@ -527,7 +526,11 @@ def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
   try:
     step = start_step
     tick = time.perf_counter()
-    while step < t.steps and not parallelism.any_process(guard.requested):
+    stopped = False   # by a signal on any process: all processes save the same step
+    while step < t.steps:
+      stopped = parallelism.any_process(guard.requested)
+      if stopped:
+        break
       with_stats = stats_every > 0 and (step + 1) % stats_every == 0
       state, metrics = job.step(state, step, layer_stats=with_stats)
       if with_stats:
@@ -550,7 +553,7 @@ def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
       if ckpt.should_save(step):
         check_finite(step)
         save(step)
-    if parallelism.any_process(guard.requested):  # all processes save the same step
+    if stopped:
       check_finite(step)
       save(step, force=True)
       status = "interrupted" if guard.signal == "SIGINT" else "preempted"

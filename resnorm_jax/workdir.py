@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -185,7 +186,6 @@ class WorkdirLock:
     self.held = False
 
   def _record(self) -> dict:
-    import sys  # pylint: disable=import-outside-toplevel
     pid = os.getpid()
     return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid,
             "pid_start": _process_start(pid), "token": self.token,
@@ -333,16 +333,19 @@ def write_atomic(path: str, data: bytes) -> None:
     raise
 
 
+def _complete_lines(path: str) -> tuple[bytes, list[bytes]]:
+  """(the file's bytes, its complete lines): the part after the last newline is empty, or a
+  record cut by a crash while it was written, and is left out."""
+  with open(path, "rb") as f:
+    data = f.read()
+  return data, data.split(b"\n")[:-1]
+
+
 def read_jsonl(path: str) -> list[dict]:
   """The complete records of a JSON-lines file: a last line without its newline (cut by a
   crash while it was written) is left out; any other unreadable line is an error."""
-  with open(path, "rb") as f:
-    data = f.read()
-  lines = data.split(b"\n")
-  partial = lines.pop()  # b"" when the file ends with a newline
-  del partial
   records = []
-  for number, line in enumerate(lines, 1):
+  for number, line in enumerate(_complete_lines(path)[1], 1):
     if not line.strip():
       continue
     try:
@@ -354,16 +357,13 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def repair_jsonl(path: str, keep: Callable[[dict], bool],
-                 key: Callable[[dict], Iterable] | None = None) -> tuple[int, int]:
+                 key: Callable[[dict], Iterable] | None = None) -> list[dict]:
   """Rewrites ``path`` (atomically) with only its complete, parseable records for which
-  ``keep(record)`` holds, and for each ``key(record)`` only the last such record.  Returns
-  ``(kept, dropped)``; a file that needs no change is not rewritten."""
+  ``keep(record)`` holds, and for each ``key(record)`` only the last such record; returns
+  those records.  A file that needs no change is not rewritten; a missing one is none."""
   if not os.path.exists(path):
-    return 0, 0
-  with open(path, "rb") as f:
-    data = f.read()
-  lines = data.split(b"\n")
-  lines.pop()  # the part after the last newline: empty, or a record cut by a crash
+    return []
+  data, lines = _complete_lines(path)
   records = []
   for line in lines:
     try:
@@ -375,7 +375,6 @@ def repair_jsonl(path: str, keep: Callable[[dict], bool],
     last = {tuple(key(r)): i for i, r in enumerate(kept)}
     kept = [r for i, r in enumerate(kept) if last[tuple(key(r))] == i]
   text = "".join(json.dumps(r) + "\n" for r in kept).encode()
-  if text == data:
-    return len(kept), 0
-  write_atomic(path, text)
-  return len(kept), len(lines) + (1 if data and not data.endswith(b"\n") else 0) - len(kept)
+  if text != data:
+    write_atomic(path, text)
+  return kept

@@ -23,7 +23,6 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnorm_jax import config as config_lib
 from resnorm_jax.errors import EXIT_USAGE, ConfigError
 from resnorm_jax.train import PACKAGE_ROOT, describe_error, run_command, run_guarded
 
@@ -134,8 +133,7 @@ def main(argv):
   explicit = _FLAGS["workdir"].value is not None
   workdir = _FLAGS["workdir"].value or os.path.join("runs", config_name())
   from resnorm_jax import workdir as workdir_lib
-  try:
-    config_lib.validate_workdir(workdir)
+  try:  # a URL, a file, a read-only directory, a missing parent
     workdir_lib.check_workdir(workdir, parent_must_exist=explicit)
   except ConfigError as e:
     fail(str(e))
