@@ -20,7 +20,7 @@ cache disabled and one CPU device, through the framework's own functions on the 
 
 Modes: ``unrolled`` (``model.scan_stages=False``: one traced and compiled body per unit),
 ``scanned`` (``model.scan_stages=True``: ``nn.scan`` over each stage's identical units), and
-``scanned-slowconv``: scanned without ``resnorm_jax.conv_layout``'s rewrite, i.e. XLA:CPU's
+``scanned-slowconv``: scanned without ``resnorm_jax.cpu_workarounds``'s rewrite, i.e. XLA:CPU's
 naive convolution kernels for the gradients inside the loops (what scanning cost before).
 
 Absolute times on a shared CPU are noisy; ``cpu s`` (process CPU time, all threads) is less
@@ -75,7 +75,7 @@ def measure(depth: int, mode: str, *, batch: int = 128, data: str = "synthetic",
   """One case, in this process: the phases' wall and CPU seconds (see the module doc)."""
   import jax
   from configs import cifar_resnet
-  from resnorm_jax import config as config_lib, conv_layout, data as data_lib, parallelism
+  from resnorm_jax import config as config_lib, cpu_workarounds, data as data_lib, parallelism
   from resnorm_jax import training
 
   if mode not in MODES:
@@ -91,8 +91,8 @@ def measure(depth: int, mode: str, *, batch: int = 128, data: str = "synthetic",
   config.parallel.num_devices = 1
   config_lib.validate(config, jax.device_count())
   if mode == "scanned-slowconv":  # the step as it was before the layout rewrite
-    conv_layout_fn = conv_layout.canonicalize_convs
-    conv_layout.canonicalize_convs = lambda fn: fn
+    conv_layout_fn = cpu_workarounds.canonicalize_convs
+    cpu_workarounds.canonicalize_convs = lambda fn: fn
   clock = _Clock(progress)
   try:
     mesh = parallelism.make_mesh(1)
@@ -131,7 +131,7 @@ def measure(depth: int, mode: str, *, batch: int = 128, data: str = "synthetic",
       step_error = str(e).splitlines()[0][:160]
   finally:
     if mode == "scanned-slowconv":
-      conv_layout.canonicalize_convs = conv_layout_fn
+      cpu_workarounds.canonicalize_convs = conv_layout_fn
 
   init_phases = ("init trace", "init lower", "init compile", "init run")
   cold = init_phases + ("trace", "lower", "compile")

@@ -374,7 +374,7 @@ def numerics_decoding(scale) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from resnorm_jax import decoding
+  from resnorm_jax.tasks.translation import decoding
   from resnorm_jax.models.transformer import Transformer, transformer_preset
   cfg = SCALES[scale]
   vocab = cfg["decode_vocab"]
@@ -475,11 +475,11 @@ def numerics_bf16(scale) -> dict:
 def gating(scale) -> dict:
   """CPU-only workarounds on exactly when the backend is the CPU: tests/test_residual.py's
   compiled-HLO check of ``materialize_grad`` (one conditional per unit on CPU, none
-  elsewhere) run on this backend, and ``conv_layout.for_platform``."""
+  elsewhere) run on this backend, and ``cpu_workarounds.for_platform``."""
   import importlib.util
   import jax
   import jax.numpy as jnp
-  from resnorm_jax import conv_layout
+  from resnorm_jax import cpu_workarounds
   from resnorm_jax.models.transformer import attention_implementation
   backend = jax.default_backend()
   on_cpu = backend == "cpu"
@@ -493,7 +493,7 @@ def gating(scale) -> dict:
   except AssertionError:
     materialized = 1.0
   rewrite_fn = lambda a: a
-  rewrite_on = conv_layout.for_platform(rewrite_fn, jax.devices()[0].platform) is not rewrite_fn
+  rewrite_on = cpu_workarounds.for_platform(rewrite_fn, jax.devices()[0].platform) is not rewrite_fn
   checks = [
       check(f"materialize_grad conditionals {'on' if on_cpu else 'off'} ({backend})",
             materialized, 0.0),

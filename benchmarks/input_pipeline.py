@@ -22,7 +22,7 @@ the model.  Rows, on synthetic CIFAR-shaped data (``--examples`` x 32x32x3 uint8
 feed the step that many times over (the device stage is also *inside* the step: its share
 of the step time is 1 / that ratio).
 
-Translation (``resnorm_jax.translation``, ``translation_training``): token-count batches of
+Translation (``resnorm_jax.tasks.translation.corpora``, ``translation_training``): token-count batches of
 ``configs/toy_translation.py`` (toy pairs; words mapped to ids directly instead of the
 SentencePiece model, same lengths ± a piece), ``TokenBatches.batch`` (bucketed padded
 rows) + transfer vs the Transformer ("tiny" preset) train step, in target tokens/s.
@@ -119,36 +119,37 @@ def image_rows(args) -> list[dict]:
 
 
 def _word_ids(sentences: list[str], vocab: dict) -> list[np.ndarray]:
-  from resnorm_jax import translation
+  from resnorm_jax.tasks.translation import corpora
   out = []
   for s in sentences:
-    ids = [vocab.setdefault(w, translation.UNK_ID + 1 + len(vocab)) for w in s.split()]
-    out.append(np.asarray(ids + [translation.EOS_ID], np.int32))
+    ids = [vocab.setdefault(w, corpora.UNK_ID + 1 + len(vocab)) for w in s.split()]
+    out.append(np.asarray(ids + [corpora.EOS_ID], np.int32))
   return out
 
 
 def translation_rows(args) -> list[dict]:
   from configs import toy_translation
-  from resnorm_jax import config as config_lib, models, parallelism, translation
-  from resnorm_jax import translation_training
+  from resnorm_jax import config as config_lib, models, parallelism
+  from resnorm_jax.tasks.translation import corpora
+  from resnorm_jax.tasks.translation import task as translation_task
   from resnorm_jax.training import TrainState, make_optimizer
 
   config = toy_translation.get_config()
   config.translation.toy_train_size = args.pairs
   config.parallel.num_devices = 1
   config_lib.validate(config, jax.device_count())
-  corpus = translation.load_corpus(config)
+  corpus = corpora.load_corpus(config)
   vocab: dict = {}
   sources, targets = _word_ids(corpus.train[0], vocab), _word_ids(corpus.train[1], vocab)
   assert len(vocab) + 4 <= config.model.vocab_size
   tr = config.translation
-  batches = translation.make_token_batches(sources, targets, max_length=tr.max_length,
+  batches = corpora.make_token_batches(sources, targets, max_length=tr.max_length,
                                            max_tokens=tr.max_tokens, replicas=1,
                                            seed=config.train.seed)
   mesh = parallelism.make_mesh(1)
   sharded = parallelism.batch_sharded(mesh)
   counter = itertools.count()
-  tokens = lambda tgt: int(np.sum(tgt != translation.PAD_ID))
+  tokens = lambda tgt: int(np.sum(tgt != corpora.PAD_ID))
 
   def host():   # TranslationJob.global_batch
     src, tgt = batches.batch(next(counter))
@@ -171,7 +172,7 @@ def translation_rows(args) -> list[dict]:
                       jnp.full((), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
   state = [init(jax.random.key(config.train.seed))]
-  train_step = translation_training.make_translation_train_step(config, mesh, model_for,
+  train_step = translation_task.make_translation_train_step(config, mesh, model_for,
                                                                 tx, schedule)
   fixed = [tuple(parallelism.host_to_global(a, sharded) for a in batches.batch(s))
            for s in range(args.step_repeats)]

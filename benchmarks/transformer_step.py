@@ -17,7 +17,7 @@ one process, interleaved round by round (median over ``--repeats`` rounds):
   ``--dtype bfloat16``; float32 matmuls in TF32 on GPU, as JAX runs them by default);
 * ``bare jit``: our Flax model in a minimal ``jax.jit`` step (``value_and_grad`` of the
   mean loss, the framework's optax Adam, parameters and optimizer state donated);
-* ``framework``: the real train step of ``resnorm_jax.translation_training``
+* ``framework``: the real train step of ``resnorm_jax.tasks.translation.task``
   (``make_translation_train_step``: dropout keys from the step, global-batch token
   normalization, gradient norm, non-finite guard, metrics), on a 1-device mesh, with the
   first guard of ``--guards`` (``train.nonfinite_guard``); each further guard adds a row
@@ -129,14 +129,14 @@ def num_params(tree) -> int:
 def make_bare_step(model, tx, smoothing: float):
   """A minimal jitted train step: loss = mean smoothed CE, value_and_grad, optax update."""
   import optax
-  from resnorm_jax import translation
+  from resnorm_jax.tasks.translation import corpora
   from resnorm_jax.models.transformer import label_smoothed_cross_entropy, shift_right
 
   def step(params, opt_state, key, src, tgt):
     def loss_fn(p):
-      logits = model.apply({"params": p}, src, shift_right(tgt, translation.BOS_ID),
+      logits = model.apply({"params": p}, src, shift_right(tgt, corpora.BOS_ID),
                            train=True, rngs={"dropout": key})
-      total, count = label_smoothed_cross_entropy(logits, tgt, translation.PAD_ID, smoothing)
+      total, count = label_smoothed_cross_entropy(logits, tgt, corpora.PAD_ID, smoothing)
       return total / count
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -158,13 +158,13 @@ def copy_tree(tree):
 
 def jax_loss(model, params, src, tgt, smoothing: float) -> float:
   """Mean smoothed loss, dropout off (the agreement check)."""
-  from resnorm_jax import translation
+  from resnorm_jax.tasks.translation import corpora
   from resnorm_jax.models.transformer import label_smoothed_cross_entropy, shift_right
 
   @jax.jit
   def f(params, src, tgt):
-    logits = model.apply({"params": params}, src, shift_right(tgt, translation.BOS_ID))
-    total, count = label_smoothed_cross_entropy(logits, tgt, translation.PAD_ID, smoothing)
+    logits = model.apply({"params": params}, src, shift_right(tgt, corpora.BOS_ID))
+    total, count = label_smoothed_cross_entropy(logits, tgt, corpora.PAD_ID, smoothing)
     return total / count
   return float(f(params, src, tgt))
 
@@ -364,7 +364,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   from resnorm_jax import parallelism
   from resnorm_jax.training import make_optimizer
-  from resnorm_jax.translation_training import make_translation_train_step
+  from resnorm_jax.tasks.translation.task import make_translation_train_step
 
   platform = jax.devices()[0].platform
   batch = resolve_batch(args, platform)

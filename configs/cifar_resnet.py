@@ -10,7 +10,7 @@ scan their stages (``model.scan_stages``).
 """
 
 from resnorm_jax.config import base_config
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 PRESETS = {f"resnet{d}": d for d in (20, 32, 44, 56, 110, 164, 1001, 1202)}
 DATASETS = ("cifar10", "cifar100")

@@ -12,7 +12,7 @@ smaller than WMT'14, so a smaller vocabulary than WMT's 37k keeps pieces frequen
 the range used in the literature for IWSLT-sized corpora (16k is our pick, not tuned).
 """
 
-from resnorm_jax.translation_recipes import apply_variant, vaswani_config
+from resnorm_jax.tasks.translation.recipes import apply_variant, vaswani_config
 
 
 def get_config(arg=None):

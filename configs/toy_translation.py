@@ -2,7 +2,7 @@
 
     resnorm-train --config=configs/toy_translation.py --workdir=runs/toy
 
-The toy language (``resnorm_jax/translation.py``): the target is the reversed source with a
+The toy language (``resnorm_jax/tasks/translation/corpora.py``): the target is the reversed source with a
 fixed word mapping.  Any ``model.skip`` works, e.g. ``--config.model.skip=rskip_ln:2``.
 """
 

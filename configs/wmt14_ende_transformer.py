@@ -11,7 +11,7 @@ padded rows x length of one side), 100k steps, rsqrt warm-up 4000, beam 4, α 0.
 newstest2014 (published BLEU 27.3).
 """
 
-from resnorm_jax.translation_recipes import apply_variant, vaswani_config
+from resnorm_jax.tasks.translation.recipes import apply_variant, vaswani_config
 
 
 def get_config(arg=None):

@@ -54,7 +54,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from resnorm_jax import workdir as workdir_lib
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 500        # 0 = only at the end
   c.eval.batch_size = 500
 
-  # Translation (model.name=transformer): see resnorm_jax/translation.py.  The shared
+  # Translation (model.name=transformer): see resnorm_jax/tasks/translation/corpora.py.  The shared
   # SentencePiece vocabulary has model.vocab_size pieces.
   c.translation = ml_collections.ConfigDict()
   c.translation.max_length = 256    # longest training sentence in pieces (EOS included)
@@ -219,14 +219,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _choice(t.schedule, SCHEDULES, "train.schedule")
   _choice(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")
   _choice(t.nonfinite_guard, NONFINITE_GUARDS, "train.nonfinite_guard")
-  from resnorm_jax import translation
+  from resnorm_jax.tasks.translation import corpora
   _choice(config.data.name, data_lib.DATASETS.names() +
-          translation.TRANSLATION_DATASETS.names(), "data.name")
-  is_text = config.data.name in translation.TRANSLATION_DATASETS.names()
+          corpora.TRANSLATION_DATASETS.names(), "data.name")
+  is_text = config.data.name in corpora.TRANSLATION_DATASETS.names()
   if (config.model.name == "transformer") != is_text:
     needs = ("a translation data set" if config.model.name == "transformer"
              else "an image data set")
-    valid = (translation.TRANSLATION_DATASETS if config.model.name == "transformer"
+    valid = (corpora.TRANSLATION_DATASETS if config.model.name == "transformer"
              else data_lib.DATASETS).names()
     raise ConfigError(f"model.name={config.model.name!r} needs {needs}, not "
                       f"data.name={config.data.name!r}; valid choices: {', '.join(valid)}")

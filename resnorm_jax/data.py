@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnorm_jax.layers.registry import ConfigError, Registry
+from resnorm_jax.registry import ConfigError, Registry
 
 DATASETS = Registry("data set")
 AUGMENTATIONS = ("crop_flip", "crop", "none")

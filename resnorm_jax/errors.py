@@ -27,12 +27,14 @@ import logging
 import os
 import signal
 
-from resnorm_jax.layers.registry import ConfigError
-
 __all__ = ["ConfigError", "NonFiniteLossError", "WorkdirLockedError", "StorageError",
            "EXIT_OK", "EXIT_NONFINITE", "EXIT_USAGE", "EXIT_PEER_LOST", "EXIT_LOCKED",
            "EXIT_STORAGE", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_PREEMPTED",
            "exit_code_for_signal", "storage_error"]
+
+class ConfigError(ValueError):
+  """Bad input (config, flags, data, checkpoint): the message names the problem and the fix."""
+
 
 EXIT_OK = 0
 EXIT_NONFINITE = 1

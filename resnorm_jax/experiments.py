@@ -12,7 +12,7 @@ import importlib.util
 import os
 import types
 
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 
 def load_config_module(path: str) -> types.ModuleType:

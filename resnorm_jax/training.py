@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from resnorm_jax import checkpointing, config as config_lib, conv_layout, data as data_lib
+from resnorm_jax import checkpointing, config as config_lib, cpu_workarounds, data as data_lib
 from resnorm_jax import layer_stats as layer_stats_lib, models, parallelism
 from resnorm_jax import workdir as workdir_lib
 from resnorm_jax.errors import (ConfigError, NonFiniteLossError, StorageError,
@@ -290,8 +290,8 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
     return parallel_step(state, key, x, y)
   if config.model.get("scan_stages"):
     # XLA:CPU leaves the convolution gradients inside the scanned stages' loops on its slow
-    # path; rewrite them to its fast layout there (see resnorm_jax/conv_layout.py).
-    train_step = conv_layout.for_platform(train_step, task.mesh.devices.flat[0].platform)
+    # path; rewrite them to its fast layout there (see resnorm_jax/cpu_workarounds.py).
+    train_step = cpu_workarounds.for_platform(train_step, task.mesh.devices.flat[0].platform)
   return jax.jit(train_step, donate_argnums=0)
 
 
@@ -390,8 +390,8 @@ class ImageJob:
 def make_job(config: ml_collections.ConfigDict, mesh):
   """The task of ``config``: :class:`ImageJob`, or the translation task for Transformers."""
   if config.model.name == "transformer":
-    from resnorm_jax import translation_training
-    return translation_training.TranslationJob(config, mesh)
+    from resnorm_jax.tasks.translation import task as translation_task
+    return translation_task.TranslationJob(config, mesh)
   return ImageJob(config, mesh)
 
 
@@ -399,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains and evaluates ``config`` in ``workdir``; resumes from its newest checkpoint.
 
   The loop (checkpointing, metrics, preemption, non-finite handling) is shared by every task;
-  a task (:class:`ImageJob`, ``translation_training.TranslationJob``) supplies the state,
+  a task (:class:`ImageJob`, ``translation_task.TranslationJob``) supplies the state,
   the step at a given step number and the evaluation.
 
   Failure paths (each a one-line error, see ``resnorm_jax/errors.py`` for the exit codes):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from resnorm_jax.analysis import common, grad_scale, moments, shattering, stats
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 from helpers import cifar_records, write_tarball
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import pytest
 
 from resnorm_jax import checkpointing
 from resnorm_jax.checkpointing import Checkpointer, PreemptionGuard
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 LOGGER = "resnorm_jax.checkpointing"
 # tests/conftest.py asks XLA for 8 host devices; the layout tests need them.

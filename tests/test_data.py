@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from resnorm_jax import config as config_lib, data as data_lib
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 from helpers import cifar_records, write_tarball
 
 

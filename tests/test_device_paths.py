@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax import export
 
-from resnorm_jax import conv_layout
+from resnorm_jax import cpu_workarounds
 from resnorm_jax.training import TrainState, apply_gradients, resolve_guard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def test_auto_guard_per_platform():
 
 def test_config_rejects_an_unknown_guard():
   from resnorm_jax import config as config_lib
-  from resnorm_jax.layers.registry import ConfigError
+  from resnorm_jax.errors import ConfigError
   c = config_lib.base_config()
   c.train.nonfinite_guard = "select"
   with pytest.raises(ConfigError, match="train.nonfinite_guard"):
@@ -103,12 +103,12 @@ def test_conv_layout_rewrite_applies_on_cpu_only():
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                         dimension_numbers=("CHWN", "HWIO", "CHWN"))
   for platform in ("gpu", "tpu", "cuda", "rocm"):
-    assert conv_layout.for_platform(conv, platform) is conv
-  rewritten = conv_layout.for_platform(conv, "cpu")
+    assert cpu_workarounds.for_platform(conv, platform) is conv
+  rewritten = cpu_workarounds.for_platform(conv, "cpu")
   x, w = jnp.ones((3, 5, 5, 2)), jnp.ones((3, 3, 3, 4))
   eqns = jax.make_jaxpr(rewritten)(x, w).jaxpr.eqns
   convs = [e for e in eqns if e.primitive is jax.lax.conv_general_dilated_p]
-  assert convs and all(conv_layout.is_canonical(e.params) for e in convs)
+  assert convs and all(cpu_workarounds.is_canonical(e.params) for e in convs)
   np.testing.assert_allclose(rewritten(x, w), conv(x, w), rtol=1e-6)
 # ----------------------------------------------------------------------------------------
 # The device check (make device-check): its CPU smoke run.

@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from resnorm_jax import config as config_lib, experiments, models
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 from resnorm_jax.models.resnet import resolve_block
 from helpers import REPO
 

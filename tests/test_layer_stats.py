@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from resnorm_jax import (config as config_lib, data as data_lib, layer_stats, models,
                          parallelism, training, translation, translation_training)
 from resnorm_jax.analysis import plots, stats as stats_lib
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 from resnorm_jax.metrics import read_metrics
 from resnorm_jax.models import transformer
 

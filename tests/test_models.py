@@ -10,7 +10,7 @@ import pytest
 
 from resnorm_jax import config as config_lib, models, summary
 from resnorm_jax.layers import NORMS, UNIT_ORDERINGS, NormContext
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 from resnorm_jax.models.resnet import CifarResNet, resolve_block
 
 IMAGES = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)

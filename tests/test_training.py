@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from resnorm_jax import config as config_lib, training
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 from helpers import CLI_TINY, REPO, read_state, run_steps, tiny_config, train_cli as cli
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnorm_jax.decoding import (beam_search, greedy_decode, length_penalty,
+from resnorm_jax.tasks.translation.decoding import (beam_search, greedy_decode, length_penalty,
                                   score_sequences)
 from resnorm_jax.layers import ConfigError, DepthInfo, NormContext, deepnorm_constants
 from resnorm_jax.models.transformer import (PRESETS, Transformer, TransformerConfig,

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from resnorm_jax import config as config_lib, parallelism, training, translation
-from resnorm_jax.layers.registry import ConfigError
-from resnorm_jax.translation_training import TranslationJob
+from resnorm_jax import config as config_lib, parallelism, training
+from resnorm_jax.tasks.translation import corpora
+from resnorm_jax.errors import ConfigError
+from resnorm_jax.tasks.translation.task import TranslationJob
 
 
 def write_iwslt(directory, train=400, test=16, skew=0):
@@ -18,7 +19,7 @@ def write_iwslt(directory, train=400, test=16, skew=0):
   os.makedirs(directory, exist_ok=True)
   for split, n, seed in (("train", train, 0), ("tst2013", test, 1)):
     rng = np.random.default_rng(seed)
-    pairs = [translation.toy_pair(rng, 12, 6) for _ in range(n)]
+    pairs = [corpora.toy_pair(rng, 12, 6) for _ in range(n)]
     for side, lang in ((0, "en"), (1, "vi")):
       lines = [p[side] for p in pairs][:n - (skew if lang == "vi" else 0)]
       with open(os.path.join(directory, f"{split}.{lang}"), "w", encoding="utf-8") as f:
@@ -87,14 +88,14 @@ def test_iwslt_corpus_trains_decodes_and_resumes_exactly(tmp_path):
 def test_missing_and_mismatched_files_are_clear_errors(tmp_path):
   with pytest.raises(ConfigError, match="train.en, train.vi, tst2013.en, tst2013.vi missing"
                      ".*nlp.stanford.edu"):
-    translation.load_corpus(tiny_config(str(tmp_path / "nothing")))
+    corpora.load_corpus(tiny_config(str(tmp_path / "nothing")))
   data = write_iwslt(tmp_path / "skewed", skew=2)
   with pytest.raises(ConfigError, match="400 source lines but 398 target lines"):
-    translation.load_corpus(tiny_config(data))
+    corpora.load_corpus(tiny_config(data))
   config = tiny_config(**{"data.name": "wmt14_ende", "data.data_dir": str(tmp_path)})
   with pytest.raises(ConfigError, match="no prepared TFDS data set wmt14_translate/de-en.*"
                      "download_and_prepare"):
-    translation.load_corpus(config)
+    corpora.load_corpus(config)
   run = tmp_path / "run"
   with pytest.raises(ConfigError, match="missing"):
     training.train_and_evaluate(tiny_config(str(tmp_path / "nothing")), str(run))
@@ -116,7 +117,7 @@ def test_model_and_data_set_must_match():
 def random_token_batches(seed=0, replicas=4, max_tokens=256, n=500):
   rng = np.random.default_rng(seed)
   make = lambda: [np.arange(1, rng.integers(2, 40)) for _ in range(n)]
-  return translation.make_token_batches(make(), make(), max_length=32, max_tokens=max_tokens,
+  return corpora.make_token_batches(make(), make(), max_length=32, max_tokens=max_tokens,
                                         replicas=replicas, seed=seed)
 
 
@@ -152,14 +153,14 @@ def test_token_batches_respect_the_budget_and_cover_every_pair_once_per_epoch():
 
 
 def test_bucket_lengths_and_eval_batches():
-  assert translation.bucket_lengths(64) == [8, 16, 24, 32, 40, 56, 64]
-  assert translation.rows_for(24, 256, 4) == 8
+  assert corpora.bucket_lengths(64) == [8, 16, 24, 32, 40, 56, 64]
+  assert corpora.rows_for(24, 256, 4) == 8
   sources = [np.arange(1, k) for k in (3, 30, 5, 12, 70)]
-  batches = translation.eval_batches(sources, 3, 2, max_len=32)
+  batches = corpora.eval_batches(sources, 3, 2, max_len=32)
   positions = np.concatenate([p for p, _ in batches])
   assert sorted(positions[positions >= 0].tolist()) == [0, 1, 2, 3, 4]
   for p, src in batches:
-    assert src.shape[0] == 4 and src.shape[1] in translation.bucket_lengths(32)
+    assert src.shape[0] == 4 and src.shape[1] in corpora.bucket_lengths(32)
     for row, i in enumerate(p):
       if i >= 0:
         assert (src[row] != 0).sum() == min(len(sources[i]), 32)
@@ -214,14 +215,14 @@ def test_translation_configs_and_variants(variant, skip, lam):
 
 
 def test_iwslt_tfds_builder_prepares_offline_and_is_read_as_a_data_source(tmp_path):
-  from resnorm_jax import iwslt15
+  from resnorm_jax.tasks.translation import iwslt15
   manual = write_iwslt(tmp_path / "manual", train=30, test=6)
   for lang in ("en", "vi"):  # the builder also wants the validation set, tst2012
     os.link(os.path.join(manual, f"tst2013.{lang}"), os.path.join(manual, f"tst2012.{lang}"))
   data_dir = str(tmp_path / "tfds")
   iwslt15.prepare(manual, data_dir)
-  corpus = translation.load_corpus(tiny_config(data_dir))
-  plain = translation.read_iwslt15(manual)
+  corpus = corpora.load_corpus(tiny_config(data_dir))
+  plain = corpora.read_iwslt15(manual)
   for got, want in ((corpus.train, plain.train), (corpus.test, plain.test)):
     assert sorted(zip(*got)) == sorted(zip(*want))
 
@@ -249,7 +250,7 @@ def test_wmt_reader_on_a_locally_prepared_array_record_stand_in(tmp_path):
 
   Wmt14Translate(config="de-en", data_dir=str(tmp_path),
                  file_format="array_record").download_and_prepare()
-  corpus = translation.load_corpus(tiny_config(**{"data.name": "wmt14_ende",
+  corpus = corpora.load_corpus(tiny_config(**{"data.name": "wmt14_ende",
                                                   "data.data_dir": str(tmp_path)}))
   assert (corpus.source_lang, corpus.target_lang) == ("en", "de")
   assert sorted(zip(*corpus.test)) == [(f"sentence {i} of 3", f"Satz {i} für 3")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 
-from resnorm_jax.layers.registry import Registry
+from resnorm_jax.registry import Registry
 
 ANALYSES = Registry("analysis")
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 
 def split_list(text, key: str) -> list[str]:

@@ -41,7 +41,7 @@ import numpy as np
 from resnorm_jax.analysis import common, stats
 from resnorm_jax.layers import (COMBINATORS, NORMS, UNIT_ORDERINGS, ConvUnit, DepthInfo,
                                 NormContext, make_combinator)
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -76,7 +76,7 @@ from resnorm_jax import data as data_lib
 from resnorm_jax.analysis import common, stats
 from resnorm_jax.layers import (COMBINATORS, NORMS, SHORTCUTS, UNIT_ORDERINGS, Conv,
                                 ConvUnit, DepthInfo, NormContext)
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 BN_TANGENTS = ("exact", "frozen")
 BOUNDARIES = ("periodic", "zero")

@@ -40,7 +40,7 @@ import numpy as np
 from resnorm_jax.analysis import common, stats
 from resnorm_jax.layers import (COMBINATORS, NORMS, DepthInfo, NormContext, make_combinator,
                                 make_norm)
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 KINDS = ("plain", "residual")
 _CTX = NormContext(momentum=0.0)   # running statistics := the grid's batch statistics

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnorm_jax.layers.registry import ConfigError, Registry, parse_number
+from resnorm_jax.registry import ConfigError, Registry, parse_number
 
 Array = jax.Array
 NORMS = Registry("norm")

@@ -25,7 +25,7 @@ from jax import lax
 
 from resnorm_jax.layers.conv import Conv, he_normal
 from resnorm_jax.layers.norms import NormContext, make_norm
-from resnorm_jax.layers.registry import ConfigError, Registry, parse_number
+from resnorm_jax.registry import ConfigError, Registry, parse_number
 
 SHORTCUTS = Registry("shortcut")
 UNIT_ORDERINGS = Registry("unit")

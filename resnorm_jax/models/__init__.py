@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from resnorm_jax.layers import NORMS, NormContext
-from resnorm_jax.layers.registry import ConfigError, Registry
+from resnorm_jax.registry import ConfigError, Registry
 
 MODELS = Registry("model")
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from resnorm_jax.layers import (UNIT_ORDERINGS, Conv, ConvUnit, DepthInfo, NormContext,
                                 make_norm)
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 from resnorm_jax.layers.residual import apply_op
 
 BLOCKS = ("auto", "basic", "bottleneck")

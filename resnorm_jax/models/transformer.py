@@ -27,7 +27,7 @@ Incremental decoding keeps an explicit cache pytree (:meth:`Transformer.init_cac
 positions decoded so far (written in place with ``lax.dynamic_update_slice``) and the
 cross-attention keys/values of the encoder output (computed once).  Shapes never change
 between steps, so a step runs inside ``jax.jit`` / ``lax.while_loop`` (see
-``resnorm_jax.decoding``).
+``resnorm_jax.tasks.translation.decoding``).
 
 Parameters are always float32; ``dtype`` is the compute dtype.  Attention logits, softmax,
 norm statistics and output logits are computed in float32.
@@ -54,7 +54,7 @@ from jax import lax
 
 from resnorm_jax.layers import (COMBINATORS, NORMS, DepthInfo, NormContext, SkipCombinator,
                                 make_combinator, make_norm)
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 Array = jax.Array
 

@@ -7,7 +7,7 @@ Sources (``data.name``, registry :data:`TRANSLATION_DATASETS`):
   sentence with every word mapped, a_i -> b_{(7i + 3) mod V}.  A Transformer learns it in
   minutes on a CPU (the smoke/benchmark command in README.md).
 * ``iwslt15_envi``: IWSLT'15 English->Vietnamese, test tst2013: the TFDS data set prepared
-  by the builder in :mod:`resnorm_jax.iwslt15` (``<data.data_dir>/iwslt15_envi``), or else
+  by the builder in :mod:`resnorm_jax.tasks.translation.iwslt15` (``<data.data_dir>/iwslt15_envi``), or else
   the standard plain files in ``data.data_dir`` (``train.{en,vi}``, ``tst2013.{en,vi}``),
   read offline.  Both paths are tested on generated files.
 * ``wmt14_ende``: WMT'14 English->German from TFDS's prepared ArrayRecord data
@@ -40,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from resnorm_jax.layers.registry import ConfigError, Registry
+from resnorm_jax.registry import ConfigError, Registry
 
 TRANSLATION_DATASETS = Registry("translation data set")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -100,7 +100,7 @@ IWSLT_FILES = ("train.en", "train.vi", "tst2013.en", "tst2013.vi")
     "tst2013.{en,vi} in data.data_dir (test: tst2013)")
 def _iwslt15(arg, config) -> TextCorpus:
   root = os.path.join(os.path.expanduser(config.data.data_dir or "."), "iwslt15_envi")
-  if _latest_version_dir(root) is not None:   # prepared by resnorm_jax/iwslt15.py's builder
+  if _latest_version_dir(root) is not None:   # prepared by resnorm_jax/tasks/translation/iwslt15.py's builder
     return read_tfds_translation(config.data.data_dir or ".", "iwslt15_envi", "en", "vi")
   return read_iwslt15(config.data.data_dir)
 
@@ -114,7 +114,7 @@ def read_iwslt15(data_dir: str) -> TextCorpus:
         f"data.name=iwslt15_envi: {', '.join(missing)} missing in data.data_dir="
         f"{directory!r}. Download train.en, train.vi, tst2013.en, tst2013.vi (and tst2012.*) "
         "from https://nlp.stanford.edu/projects/nmt/ into that directory (or set "
-        "--config.data.data_dir=DIR; `python -m resnorm_jax.iwslt15 --manual_dir=DIR "
+        "--config.data.data_dir=DIR; `python -m resnorm_jax.tasks.translation.iwslt15 --manual_dir=DIR "
         "--data_dir=DIR` also prepares them as a TFDS data set), then rerun")
   splits = []
   for split in ("train", "tst2013"):

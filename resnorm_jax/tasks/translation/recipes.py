@@ -1,7 +1,7 @@
 """Vaswani et al. (2017)'s recipe, shared by configs/*_transformer.py."""
 
 from resnorm_jax.config import base_config
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 SKIPS = ("post_ln", "pre_ln", "xskip_ln", "rskip_ln")
 

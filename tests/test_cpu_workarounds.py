@@ -1,4 +1,4 @@
-"""conv_layout.canonicalize_convs: same values, canonical convolutions inside loops."""
+"""cpu_workarounds.canonicalize_convs: same values, canonical convolutions inside loops."""
 
 import re
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnorm_jax import conv_layout
+from resnorm_jax import cpu_workarounds
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -45,7 +45,7 @@ def test_gradients_match_and_loop_convolutions_are_canonical():
   params, x = _inputs()
   grad = jax.grad(_loss)
   plain = jax.jit(grad)
-  fixed = jax.jit(conv_layout.canonicalize_convs(grad))
+  fixed = jax.jit(cpu_workarounds.canonicalize_convs(grad))
   for a, b in zip(jax.tree_util.tree_leaves(plain(params, x)),
                   jax.tree_util.tree_leaves(fixed(params, x))):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
@@ -57,7 +57,7 @@ def test_gradients_match_and_loop_convolutions_are_canonical():
 
 def test_pytrees_and_non_conv_functions_pass_through():
   fn = lambda d, s: {"y": jnp.cumsum(d["x"]) * s, "n": d["n"] + 1}
-  wrapped = jax.jit(conv_layout.canonicalize_convs(fn))
+  wrapped = jax.jit(cpu_workarounds.canonicalize_convs(fn))
   out = wrapped({"x": jnp.arange(4.0), "n": jnp.int32(2)}, 3.0)
   np.testing.assert_allclose(out["y"], np.cumsum(np.arange(4.0)) * 3)
   assert int(out["n"]) == 3
@@ -69,20 +69,20 @@ def test_other_dimension_numbers_are_rewritten_exactly():
   f = lambda x, k: lax.conv_general_dilated(x, k, (2, 1), ((1, 1), (0, 2)), rhs_dilation=(1, 2),
                                             dimension_numbers=("NCHW", "OIHW", "NHCW"))
   want = f(x, k)
-  got = jax.jit(conv_layout.canonicalize_convs(f))(x, k)
+  got = jax.jit(cpu_workarounds.canonicalize_convs(f))(x, k)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  jaxpr = jax.make_jaxpr(conv_layout.canonicalize_convs(f))(x, k)
+  jaxpr = jax.make_jaxpr(cpu_workarounds.canonicalize_convs(f))(x, k)
   convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
-  assert len(convs) == 1 and conv_layout.is_canonical(convs[0].params)
+  assert len(convs) == 1 and cpu_workarounds.is_canonical(convs[0].params)
 
 
 def test_rewritten_jaxpr_type_checks():
   params, x = _inputs()
   closed = jax.make_jaxpr(jax.grad(_loss))(params, x)
-  rewritten = conv_layout._rewrite(closed)
+  rewritten = cpu_workarounds._rewrite(closed)
   assert rewritten is not closed
   jax.extend.core.check_jaxpr(rewritten.jaxpr)
-  assert conv_layout._rewrite(rewritten) is rewritten     # nothing left to rewrite
+  assert cpu_workarounds._rewrite(rewritten) is rewritten     # nothing left to rewrite
 
 
 def test_scanned_resnet_train_step_same_with_and_without_rewrite(monkeypatch):
@@ -92,7 +92,7 @@ def test_scanned_resnet_train_step_same_with_and_without_rewrite(monkeypatch):
   fixed = run_steps(tiny_config(**settings), steps=2)
   sharded = run_steps(tiny_config(**dict(settings, **{"parallel.num_devices": 4,
                                                       "parallel.mode": "shard_map"})), steps=2)
-  monkeypatch.setattr(conv_layout, "canonicalize_convs", lambda fn: fn)
+  monkeypatch.setattr(cpu_workarounds, "canonicalize_convs", lambda fn: fn)
   plain = run_steps(tiny_config(**settings), steps=2)
   assert_states_close(fixed, plain)
   assert_states_close(sharded, plain)

@@ -30,8 +30,9 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from resnorm_jax import decoding, layer_stats as layer_stats_lib, models, parallelism
-from resnorm_jax import translation
+from resnorm_jax import layer_stats as layer_stats_lib, models, parallelism
+from resnorm_jax.tasks.translation import decoding
+from resnorm_jax.tasks.translation import corpora
 from resnorm_jax.models.transformer import (label_smoothed_cross_entropy, padding_mask,
                                             shift_right, target_mask)
 from resnorm_jax.training import TrainState, apply_gradients, make_optimizer, resolve_guard
@@ -54,11 +55,11 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_sta
       if axis_name is not None:
         key = jax.random.fold_in(key, lax.axis_index(axis_name))
 
-      tgt_in = shift_right(tgt, translation.BOS_ID)
+      tgt_in = shift_right(tgt, corpora.BOS_ID)
       # N = the global batch's real target tokens; it does not depend on the parameters, so
       # the loss is divided before differentiating and the gradients come out of the
       # backward pass already normalized (no extra pass over a parameter-sized tree).
-      count = jnp.sum(tgt != translation.PAD_ID).astype(jnp.float32)
+      count = jnp.sum(tgt != corpora.PAD_ID).astype(jnp.float32)
       if axis_name is not None:
         count = lax.psum(count, axis_name)
       denominator = jnp.maximum(count, 1.0)
@@ -67,7 +68,7 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_sta
         logits, new_vars = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, src, tgt_in, train=True,
             rngs={"dropout": key}, **layer_stats_lib.apply_kwargs(layer_stats))
-        loss_sum, _ = label_smoothed_cross_entropy(logits, tgt, translation.PAD_ID,
+        loss_sum, _ = label_smoothed_cross_entropy(logits, tgt, corpora.PAD_ID,
                                                    smoothing)
         return loss_sum / denominator, new_vars
 
@@ -80,8 +81,8 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_sta
       metrics = dict(loss=loss, tokens=count, grad_norm=grad_norm,
                      learning_rate=schedule(state.step))
       if layer_stats:
-        masks = {"encoder": padding_mask(src, translation.PAD_ID),
-                 "decoder": target_mask(tgt_in, translation.PAD_ID)}
+        masks = {"encoder": padding_mask(src, corpora.PAD_ID),
+                 "decoder": target_mask(tgt_in, corpora.PAD_ID)}
         metrics["layer_stats"] = layer_stats_lib.step_stats(
             grads, state.params, new_state.params, new_vars.get("intermediates", {}),
             axis_name=axis_name, weights_for=lambda path: masks.get(path[0]))
@@ -117,7 +118,7 @@ class TranslationJob:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh):
     self.config, self.mesh = config, mesh
-    self.corpus = translation.load_corpus(config)       # a data error writes nothing
+    self.corpus = corpora.load_corpus(config)       # a data error writes nothing
     n = mesh.devices.size
     self.model_for = lambda axis_name: models.build_model(
         config, models.norm_context(config, n, axis_name), 0)
@@ -135,19 +136,19 @@ class TranslationJob:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       barrier = lambda: multihost_utils.sync_global_devices("resnorm_jax:spm")
-    self.sp = translation.load_or_train_sentencepiece(
+    self.sp = corpora.load_or_train_sentencepiece(
         corpus, config.model.vocab_size, workdir, jax.process_index() == 0, barrier)
     replicas = self.mesh.devices.size
-    self.batches = translation.make_token_batches(
-        translation.encode(self.sp, corpus.train[0]),
-        translation.encode(self.sp, corpus.train[1]), max_length=tr.max_length,
+    self.batches = corpora.make_token_batches(
+        corpora.encode(self.sp, corpus.train[0]),
+        corpora.encode(self.sp, corpus.train[1]), max_length=tr.max_length,
         max_tokens=tr.max_tokens, replicas=replicas, seed=config.train.seed)
     sources, self.references = corpus.test
     if tr.eval_max_sentences:
       sources = sources[:tr.eval_max_sentences]
       self.references = self.references[:tr.eval_max_sentences]
-    self.eval_batches = translation.eval_batches(
-        translation.encode(self.sp, sources), config.eval.batch_size, replicas,
+    self.eval_batches = corpora.eval_batches(
+        corpora.encode(self.sp, sources), config.eval.batch_size, replicas,
         config.model.max_len)
     self.sharded = parallelism.batch_sharded(self.mesh)
     self.train_step, self.stats_step = (
@@ -209,7 +210,7 @@ class TranslationJob:
       best = _gather(out.tokens[:, 0])
       for position, ids in zip(positions, best):
         if position >= 0:
-          hypotheses[position] = translation.decode(self.sp, ids)
+          hypotheses[position] = corpora.decode(self.sp, ids)
     return hypotheses
 
   def evaluate(self, state: TrainState, step: int) -> dict:

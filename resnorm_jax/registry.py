@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterator
 
-
-class ConfigError(ValueError):
-  """A user-facing configuration error: the message names the bad value and the fix."""
+from resnorm_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

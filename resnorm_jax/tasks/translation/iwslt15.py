@@ -6,7 +6,7 @@ that ``tfds.builder_from_directory(...).as_data_source`` reads (no TensorFlow ne
 prepare or to read).  Without a manual directory it downloads the same files from
 https://nlp.stanford.edu/projects/nmt/ (declared, but untested here: no internet).
 
-    python -m resnorm_jax.iwslt15 --manual_dir=DIR_WITH_FILES --data_dir=~/tensorflow_datasets
+    python -m resnorm_jax.tasks.translation.iwslt15 --manual_dir=DIR_WITH_FILES --data_dir=~/tensorflow_datasets
 
 ``data.name=iwslt15_envi`` then reads ``<data.data_dir>/iwslt15_envi/1.0.0``; it reads the
 plain files in ``data.data_dir`` directly when no prepared copy is there.
@@ -19,7 +19,7 @@ import sys
 
 import tensorflow_datasets as tfds
 
-from resnorm_jax.layers.registry import ConfigError
+from resnorm_jax.errors import ConfigError
 
 URL = "https://nlp.stanford.edu/projects/nmt/data/iwslt15.en-vi/"
 SPLITS = {"train": "train", "validation": "tst2012", "test": "tst2013"}
