@@ -97,7 +97,7 @@ def measure(depth: int, mode: str, *, batch: int = 128, data: str = "synthetic",
   try:
     mesh = parallelism.make_mesh(1)
     dataset = data_lib.load_dataset(config)
-    task = training.build_task(config, dataset, mesh)
+    task = training.build_task(config, mesh)
 
     init, key = training.make_init(task)
     traced = clock.run("init trace", init.trace, key)
@@ -112,13 +112,13 @@ def measure(depth: int, mode: str, *, batch: int = 128, data: str = "synthetic",
         data_lib.batch_indices(0, 0, len(dataset.train_labels), batch),
         parallelism.batch_sharded(mesh))
     step = training.make_train_step(task)
-    traced = clock.run("trace", step.trace, state, images, labels, idx)
+    traced = clock.run("trace", step.trace, state, (images, labels, idx))
     lowered = clock.run("lower", traced.lower)
     compiled = clock.run("compile", lowered.compile)
     holder = [state]
 
     def one_step():
-      holder[0], metrics = compiled(holder[0], images, labels, idx)
+      holder[0], metrics = compiled(holder[0], (images, labels, idx))
       return holder[0], metrics
 
     times, step_error = [], None if run_step else "not run (--skip_steps)"

@@ -3,7 +3,7 @@
     python benchmarks/input_pipeline.py                   # CIFAR shapes + toy translation
     python benchmarks/input_pipeline.py --depth 110       # against the ResNet-110 step
 
-Images (``resnorm_jax.data`` / ``training.ImageJob``): the uint8 training set lives on the
+Images (``resnorm_jax.data`` / ``tasks.image``): the uint8 training set lives on the
 device; each step the host computes the batch's example indices and sends them, and the
 jitted step gathers, augments (pad 4 + random crop + flip) and normalizes the batch before
 the model.  Rows, on synthetic CIFAR-shaped data (``--examples`` x 32x32x3 uint8), batch
@@ -16,13 +16,13 @@ the model.  Rows, on synthetic CIFAR-shaped data (``--examples`` x 32x32x3 uint8
 * ``train step``: ``training.make_train_step`` of ``configs/cifar_resnet.py`` at
   ``--depth`` (the smallest CIFAR ResNet, 20, by default: the fastest step to feed);
 * ``training loop``: host indices + transfer + the step dispatched asynchronously, steps
-  back to back as ``ImageJob.step`` runs them (the host work overlaps the device's).
+  back to back as the training loop runs them (the host work overlaps the device's).
 
 ``x step`` is a row's examples/s over the train step's: > 1 means that stage alone could
 feed the step that many times over (the device stage is also *inside* the step: its share
 of the step time is 1 / that ratio).
 
-Translation (``resnorm_jax.tasks.translation.corpora``, ``translation_training``): token-count batches of
+Translation (``resnorm_jax.tasks.translation``): token-count batches of
 ``configs/toy_translation.py`` (toy pairs; words mapped to ids directly instead of the
 SentencePiece model, same lengths ± a piece), ``TokenBatches.batch`` (bucketed padded
 rows) + transfer vs the Transformer ("tiny" preset) train step, in target tokens/s.
@@ -74,7 +74,7 @@ def image_rows(args) -> list[dict]:
   n, batch, seed = len(dataset.train_labels), args.batch, config.train.seed
   counter = itertools.count()
 
-  def host():   # what ImageJob.step does on the host before dispatching the step
+  def host():   # what the image task's inputs(step) does on the host
     idx = data_lib.batch_indices(seed, next(counter), n, batch)
     return parallelism.host_to_global(idx, sharded)
 
@@ -92,19 +92,19 @@ def image_rows(args) -> list[dict]:
   host_s = _per_call(host, args.host_repeats)
   device_s = _per_call(lambda: device(step0, idx0), args.repeats)
 
-  task = training.build_task(config, dataset, mesh)
+  task = training.build_task(config, mesh)
   state = [training.init_state(task)]
   train_step = training.make_train_step(task)
 
   def step():
-    state[0], metrics = train_step(state[0], images, labels, idx0)
+    state[0], metrics = train_step(state[0], (images, labels, idx0))
     return state[0]
 
   step_s = _per_call(step, args.step_repeats, warmup=1)
 
   def loop():   # steps back to back, dispatched asynchronously, one sync at the end
     for _ in range(args.step_repeats):
-      state[0], _ = train_step(state[0], images, labels, host())
+      state[0], _ = train_step(state[0], (images, labels, host()))
     return state[0]
 
   loop_s = _per_call(loop, 1, warmup=0) / args.step_repeats
@@ -129,10 +129,8 @@ def _word_ids(sentences: list[str], vocab: dict) -> list[np.ndarray]:
 
 def translation_rows(args) -> list[dict]:
   from configs import toy_translation
-  from resnorm_jax import config as config_lib, models, parallelism
+  from resnorm_jax import config as config_lib, parallelism, training
   from resnorm_jax.tasks.translation import corpora
-  from resnorm_jax.tasks.translation import task as translation_task
-  from resnorm_jax.training import TrainState, make_optimizer
 
   config = toy_translation.get_config()
   config.translation.toy_train_size = args.pairs
@@ -151,7 +149,7 @@ def translation_rows(args) -> list[dict]:
   counter = itertools.count()
   tokens = lambda tgt: int(np.sum(tgt != corpora.PAD_ID))
 
-  def host():   # TranslationJob.global_batch
+  def host():   # the translation task's inputs(step)
     src, tgt = batches.batch(next(counter))
     return (parallelism.host_to_global(src, sharded),
             parallelism.host_to_global(tgt, sharded)), tokens(tgt)
@@ -159,29 +157,17 @@ def translation_rows(args) -> list[dict]:
   per_batch = [tokens(batches.batch(s)[1]) for s in range(args.step_repeats)]
   host_s = _per_call(lambda: jax.block_until_ready(host()[0]), args.host_repeats)
 
-  model_for = lambda axis_name: models.build_model(
-      config, models.norm_context(config, 1, axis_name), 0)
-  tx, schedule = make_optimizer(config.train, config.train.steps)
-
-  @jax.jit
-  def init(key):   # as TranslationJob.init_state
-    ones = jnp.ones((1, 8), jnp.int32)
-    variables = model_for(None).init({"params": key, "dropout": key}, ones, ones, train=False)
-    return TrainState(jnp.zeros((), jnp.int32), variables["params"],
-                      variables.get("batch_stats", {}), tx.init(variables["params"]),
-                      jnp.full((), -1, jnp.int32), jnp.zeros((), jnp.int32))
-
-  state = [init(jax.random.key(config.train.seed))]
-  train_step = translation_task.make_translation_train_step(config, mesh, model_for,
-                                                                tx, schedule)
+  task = training.build_task(config, mesh)
+  state = [training.init_state(task)]
+  train_step = training.make_train_step(task)
   fixed = [tuple(parallelism.host_to_global(a, sharded) for a in batches.batch(s))
            for s in range(args.step_repeats)]
   for src, tgt in fixed:   # compile every bucket shape first
-    state[0], _ = train_step(state[0], src, tgt)
+    state[0], _ = train_step(state[0], (src, tgt))
   jax.block_until_ready(state[0])
   start = time.perf_counter()
   for src, tgt in fixed:
-    state[0], _ = train_step(state[0], src, tgt)
+    state[0], _ = train_step(state[0], (src, tgt))
   jax.block_until_ready(state[0])
   step_s = (time.perf_counter() - start) / len(fixed)
   mean_tokens = float(np.mean(per_batch))

@@ -2,7 +2,7 @@
 
 One run times, interleaved round by round so that any background load hits all alike:
 
-* ``framework``  – ``ImageJob.step`` of resnorm-train: host batch indices, transfer,
+* ``framework``  – the image task's step of resnorm-train: host batch indices, transfer,
   on-device gather + crop/flip augmentation + normalization, the train step with its
   non-finite guard, gradient norm and metrics (configs/cifar_resnet.py, synthetic data);
 * ``bare jit``   – the same Flax model and SGD-Nesterov update in one ``jax.jit`` with
@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from resnorm_jax import models, parallelism, training  # noqa: E402
+from resnorm_jax import models, parallelism, summary, training  # noqa: E402
 from resnorm_jax.experiments import load_config_module  # noqa: E402
 from resnorm_jax.summary import model_summary  # noqa: E402
 
@@ -55,7 +55,7 @@ def make_config(depth: int, batch: int, dtype: str, scan_stages: bool = False):
 
 def forward_flops(cfg) -> float:
   """Analytic forward FLOPs per example (convolutions and the classifier, 2 per MAC)."""
-  model, inputs, kwargs, extra = models.summary_inputs(cfg)
+  model, inputs, kwargs, extra = summary.summary_inputs(cfg)
   _, _, flops = model_summary(model, inputs, init_kwargs=kwargs, apply_kwargs=kwargs,
                               extra_flops=extra)
   return flops / inputs[0].shape[0]
@@ -66,13 +66,14 @@ class FrameworkStep:
 
   def __init__(self, cfg):
     mesh = parallelism.make_mesh(1)
-    self.job = training.ImageJob(cfg, mesh)
-    self.job.setup("")
-    self.state = self.job.init_state()
+    self.task = training.build_task(cfg, mesh)
+    self.task.setup("")
+    self.state = training.init_state(self.task)
+    self.train_step = training.make_train_step(self.task)
     self.step_index = 0
 
   def __call__(self):
-    self.state, metrics = self.job.step(self.state, self.step_index)
+    self.state, metrics = self.train_step(self.state, self.task.inputs(self.step_index))
     self.step_index += 1
     return metrics["loss"]
 
@@ -82,7 +83,8 @@ class BareStep:
 
   def __init__(self, cfg):
     n = cfg.train.batch_size
-    self.model = models.build_model(cfg, models.norm_context(cfg, 1, None), 10)
+    self.model = models.build_model(cfg, models.norm_context(cfg, 1, None),
+                                    models.DataInfo(10, (32, 32, 3)))
     rng = np.random.default_rng(0)
     self.x = jnp.asarray(rng.standard_normal((n, 32, 32, 3), np.float32))
     self.y = jnp.asarray(rng.integers(0, 10, n).astype(np.int32))

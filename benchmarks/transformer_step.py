@@ -17,8 +17,8 @@ one process, interleaved round by round (median over ``--repeats`` rounds):
   ``--dtype bfloat16``; float32 matmuls in TF32 on GPU, as JAX runs them by default);
 * ``bare jit``: our Flax model in a minimal ``jax.jit`` step (``value_and_grad`` of the
   mean loss, the framework's optax Adam, parameters and optimizer state donated);
-* ``framework``: the real train step of ``resnorm_jax.tasks.translation.task``
-  (``make_translation_train_step``: dropout keys from the step, global-batch token
+* ``framework``: the real train step, ``training.make_train_step`` of the translation task
+  (``resnorm_jax.tasks.translation.task``: dropout keys from the step, global-batch token
   normalization, gradient norm, non-finite guard, metrics), on a 1-device mesh, with the
   first guard of ``--guards`` (``train.nonfinite_guard``); each further guard adds a row
   ``framework, <guard> guard``.
@@ -34,14 +34,14 @@ FLOPs (MFU = FLOPs per step / median step time / measured matmul peak: the bette
 ``common.matmul_peak_flops`` before and after the timed rounds):
 the forward FLOPs are ``resnorm_jax.summary.model_summary``'s analytic count for one
 S-token source and T-token target (2·D_in·D_out per position for every dense layer) plus
-the terms that are not layers, as ``models.summary_inputs`` counts them for S = T:
+the terms that are not layers, as ``summary.summary_inputs`` counts them for S = T:
 
     attention = 4·d·(N·S² + M·T² + M·T·S)      (QKᵀ and AV, full squares: causal not halved)
     logits    = 2·T·d·V                         (tied output projection)
     FLOPs/step = 3 · batch · (dense + attention + logits)   (backward = 2 x forward)
 
 Embedding lookups, norms, softmax, dropout and the optimizer are not counted.  Throughput
-is target tokens per second (what ``TranslationJob.throughput`` reports); source tokens
+is target tokens per second (what the translation task's ``throughput`` reports); source tokens
 are as many again when S = T.
 """
 
@@ -90,7 +90,8 @@ def build_model(config, layers: int = 0, axis_name=None):
   """``models.build_model``'s Transformer, with ``layers`` + ``layers`` layers when > 0."""
   from resnorm_jax import models
   from resnorm_jax.models.transformer import Transformer
-  model = models.build_model(config, models.norm_context(config, 1, axis_name), 0)
+  model = models.build_model(config, models.norm_context(config, 1, axis_name),
+                             models.DataInfo())
   if layers:
     model = Transformer(dataclasses.replace(model.config, num_encoder_layers=layers,
                                             num_decoder_layers=layers))
@@ -145,7 +146,7 @@ def make_bare_step(model, tx, smoothing: float):
 
 
 def framework_state(params, tx):
-  """The TrainState ``TranslationJob`` starts from, for the given parameters."""
+  """The TrainState the translation task starts from, for the given parameters."""
   from resnorm_jax.training import TrainState
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
                     opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32),
@@ -362,18 +363,26 @@ def resolve_batch(args, platform: str) -> int:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  from resnorm_jax import parallelism
-  from resnorm_jax.training import make_optimizer
-  from resnorm_jax.tasks.translation.task import make_translation_train_step
+  from resnorm_jax import parallelism, training
+  from resnorm_jax.tasks.base import Task
+  from resnorm_jax.tasks.translation.task import Translation
+
+  class SyntheticTranslation(Translation):
+    """The translation task's step on synthetic batches: no corpus, ``--layers`` layers."""
+
+    def __init__(self, config, mesh):  # pylint: disable=super-init-not-called
+      Task.__init__(self, config, mesh)
+
+    def model_for(self, axis_name):
+      return build_model(self.config, args.layers, axis_name)
 
   platform = jax.devices()[0].platform
   batch = resolve_batch(args, platform)
   config = make_config(args)
   mesh = parallelism.make_mesh(1)
-  model_for = lambda axis_name: build_model(config, args.layers, axis_name)
-  model = model_for(None)
+  task = SyntheticTranslation(config, mesh)
+  model, tx, schedule = task.model, task.tx, task.schedule
   cfg = model.config
-  tx, schedule = make_optimizer(config.train, config.train.steps)
   smoothing = float(config.train.label_smoothing)
   src_np, tgt_np = synthetic_batch(batch, args.src_len, args.tgt_len, cfg.vocab_size)
   tokens = batch * args.tgt_len
@@ -395,16 +404,16 @@ def main(argv=None) -> dict:
   framework_rows, programs = {}, {}
   for i, guard in enumerate(guards):
     config.train.nonfinite_guard = guard
-    train_step = make_translation_train_step(config, mesh, model_for, tx, schedule)
+    train_step = training.make_train_step(task)
     fw = {"state": jax.device_put(framework_state(copy_tree(params), tx), replicated)}
 
     def framework_call(fw=fw, train_step=train_step):
-      fw["state"], metrics = train_step(fw["state"], src_fw, tgt_fw)
+      fw["state"], metrics = train_step(fw["state"], (src_fw, tgt_fw))
       return fw["state"], metrics
     name = "framework" if i == 0 else f"framework, {guard} guard"
     framework_rows[name] = (framework_call, common.block)
     programs[name] = lambda train_step=train_step, fw=fw: train_step.lower(
-        fw["state"], src_fw, tgt_fw)
+        fw["state"], (src_fw, tgt_fw))
 
   # Bare: value_and_grad + the same optax Adam, no framework.
   bare_step = make_bare_step(model, tx, smoothing)

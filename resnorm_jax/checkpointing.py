@@ -47,13 +47,13 @@ import os
 import shutil
 import signal
 import threading
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from resnorm_jax import workdir as workdir_lib
+from resnorm_jax import config as config_lib, workdir as workdir_lib
 from resnorm_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -409,20 +409,14 @@ def save_config_json(workdir: str, config_dict: Any) -> str:
   return path
 
 
-def check_config_compatible(workdir: str, config_dict: Any,
-                            keys: Iterable[str] = ("model",)) -> None:
-  """Raises :class:`ConfigError` if ``<workdir>/config.json`` was written for another model.
-
-  Compares the sections named by ``keys`` (dotted paths, e.g. ``"model"``) and ``data.name``
-  (when either config has it) between the saved and the current config, listing every
-  differing key as ``model.norm: checkpoint has 'batch', this run has 'layer'``.  A workdir
-  without ``config.json`` is compatible with anything.
-  """
+def check_config_compatible(workdir: str, config_dict: Any) -> None:
+  """Raises :class:`ConfigError` if ``<workdir>/config.json`` was written with different
+  values of keys that change the parameter tree (resume class ``tree`` in
+  :data:`resnorm_jax.config.SCHEMA`: the model family and its architecture keys, the data
+  set), listing every such key as ``model.norm: checkpoint has 'batch', this run has
+  'layer'``.  A workdir without ``config.json`` is compatible with anything."""
   path = os.path.join(workdir, CONFIG_FILE)
-  compared = _saved_and_current(workdir, config_dict)
-  if compared is None:
-    return
-  diffs = _diff_keys(_keys_to_compare(keys, *compared), *compared)
+  diffs = _resume_diffs(workdir, config_dict).get(config_lib.TREE, [])
   if diffs:
     raise ConfigError(
         f"the checkpoint in {workdir} was written with a different config:\n  "
@@ -431,27 +425,40 @@ def check_config_compatible(workdir: str, config_dict: Any,
         "to resume.")
 
 
-# What a resumed run may change without an error: every key of these sections except the
-# model (an error above) -- but only the RESUME_NEUTRAL ones leave the trajectory as it was.
-RESUME_SECTIONS = ("train", "data", "translation", "parallel.bn_sync")
-RESUME_NEUTRAL = frozenset({
-    "train.log_every_steps", "train.layer_stats_every_steps", "train.on_nonfinite",
-    "train.nonfinite_guard",
-    "data.data_dir", "data.source", "translation.beam_size", "translation.length_penalty",
-    "translation.eval_max_sentences"})
-
-
 def resume_changes(workdir: str, config_dict: Any) -> list[str]:
   """Lines ``key: checkpoint has X, this run has Y`` for the settings that differ from the
   run that wrote ``<workdir>/config.json`` and change what the continuation computes
-  (optimizer, schedule and its length ``train.steps``, batch size, seed, data, token
-  batching, BatchNorm sync).  Such a resume is allowed (extending ``train.steps`` is the
-  usual one), but the result is the run of neither config alone.  [] without a config."""
+  (resume class ``trajectory``: optimizer, schedule and its length ``train.steps``, batch
+  size, seed, data, token batching, BatchNorm sync, ``model.dtype``, dropout).  Such a
+  resume is allowed (extending ``train.steps`` is the usual one), but the result is the run
+  of neither config alone.  ``neutral`` keys (``model.remat``, logging, evaluation, data
+  location) are not listed.  [] without a config."""
+  return _resume_diffs(workdir, config_dict).get(config_lib.TRAJECTORY, [])
+
+
+def _resume_diffs(workdir: str, config_dict: Any) -> dict[str, list[str]]:
+  """The differing keys of the saved and the current config by resume class."""
   compared = _saved_and_current(workdir, config_dict)
   if compared is None:
-    return []
-  return [line for line in _diff_keys(RESUME_SECTIONS, *compared)
-          if line.split(":", 1)[0] not in RESUME_NEUTRAL]
+    return {}
+  saved, current = compared
+  model_keys = _family_keys(saved, current)
+  out: dict[str, list[str]] = {}
+  for section in sorted(set(saved) | set(current)):
+    for line in _diff(section, _lookup(saved, section), _lookup(current, section)):
+      key = line.split(":", 1)[0]
+      out.setdefault(config_lib.resume_class(key, model_keys), []).append(line)
+  return out
+
+
+def _family_keys(saved: Any, current: Any) -> tuple[str, ...] | None:
+  """The ``model.*`` keys the model family reads, when both configs name the same
+  registered family (then other model keys are neutral); None otherwise."""
+  from resnorm_jax import models
+  name = _lookup(current, "model.name")
+  if name is _MISSING or name != _lookup(saved, "model.name") or name not in models.MODELS:
+    return None
+  return models.MODELS.entry(name)[0].meta.get("config_keys") or None
 
 
 def archive_config_json(workdir: str) -> str:
@@ -482,20 +489,6 @@ def _saved_and_current(workdir: str, config_dict: Any) -> tuple[Any, Any] | None
     raise ConfigError(f"{path} is unreadable ({e}); restore or remove it, or use a fresh "
                       "--workdir") from e
   return saved, json.loads(json.dumps(_plain(config_dict), default=_json_default))
-
-
-def _diff_keys(keys: Iterable[str], saved: Any, current: Any) -> list[str]:
-  """:func:`_diff` lines for every dotted key of ``keys``."""
-  return [line for key in keys for line in _diff(key, _lookup(saved, key), _lookup(current, key))]
-
-
-def _keys_to_compare(keys: Iterable[str], saved: Any, current: Any) -> list[str]:
-  """``keys`` plus ``data.name`` when either config has it, without duplicates."""
-  out = list(dict.fromkeys(keys))
-  has_name = any(_lookup(c, "data.name") is not _MISSING for c in (saved, current))
-  if has_name and not any(k == "data" or k == "data.name" for k in out):
-    out.append("data.name")
-  return out
 
 
 def _lookup(tree: Any, dotted: str) -> Any:

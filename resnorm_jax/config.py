@@ -5,18 +5,26 @@ fields; the returned ``ConfigDict`` is locked, so a misspelt key in a config fil
 command line (``--config.model.nrom=...``) is an error.  :func:`validate` checks every value
 against the registries and the machine before anything is compiled or written, raising
 :class:`ConfigError` with a one-line message that names the bad value and the valid choices.
+
+:data:`SCHEMA` holds every key once: its default, its own check and its *resume class*,
+which says what changing it on resume means (:func:`resume_class`): ``tree`` keys change
+the parameter tree (resuming is an error), ``trajectory`` keys change what the
+continuation computes (allowed and reported), ``neutral`` keys change no number of the run
+(``model.remat``, logging, evaluation, where data is read from).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import ml_collections
 
-from resnorm_jax.layers import (COMBINATORS, NORMS, SHORTCUTS, UNIT_ORDERINGS, ConfigError,
-                                bn_sync_group_size)
+from resnorm_jax.errors import ConfigError
+from resnorm_jax.layers import COMBINATORS, NORMS, bn_sync_group_size
+
 
 PARALLEL_MODES = ("jit", "shard_map", "pmap")
 OPTIMIZERS = ("sgd", "adamw", "adam")
@@ -26,105 +34,213 @@ ON_NONFINITE = ("stop", "skip")
 NONFINITE_GUARDS = ("auto", "where", "cond")
 
 
+# ----------------------------------------------------------------------------------------
+# The schema: every key with its default, its check and its resume class.
+# ----------------------------------------------------------------------------------------
+# Resume classes: what changing a key between a checkpoint and the run that resumes it means.
+TREE = "tree"              # changes the parameter tree: resuming is an error (a fresh workdir)
+TRAJECTORY = "trajectory"  # changes what the continuation computes: allowed, and reported
+NEUTRAL = "neutral"        # changes no number of the training run (logging, evaluation,
+                           # compilation, where the data is read from): allowed silently
+RESUME_CLASSES = (TREE, TRAJECTORY, NEUTRAL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key: ``default``, ``resume`` class, ``check(value, "section.key")`` (raises
+  ConfigError; None: only the schema-wide number rules of :func:`check_numbers`), ``doc``;
+  ``optional``: the type of a key whose default is None (a placeholder of that type)."""
+  default: Any
+  resume: str
+  check: Callable[[Any, str], None] | None = None
+  doc: str = ""
+  optional: type | None = None
+
+  def default_value(self):
+    """The default as a config value (a fresh placeholder for an optional key: a shared
+    one would tie the keys together)."""
+    if self.optional is not None:
+      return ml_collections.config_dict.placeholder(self.optional)
+    return self.default
+
+
+def _one_of(*choices):
+  return lambda value, key: _choice(value, choices, key)
+
+
+def _int_at_least(minimum: int, what: str = ""):
+  def check(value, key):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      kind = "positive" if minimum == 1 else "non-negative"
+      raise ConfigError(f"{key}={value!r} must be a {kind} integer{what}")
+  return check
+
+
+def _number(*, allow_zero: bool):
+  return lambda value, key: _positive(value, key, allow_zero=allow_zero)
+
+
+def _interval(low: float, high: float, **kwargs):
+  return lambda value, key: value is None or _in_range(value, key, low, high, **kwargs)
+
+
+_POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+def _schema() -> dict[str, dict[str, Key]]:
+  K = Key
+  return {
+      "model": {
+          "name": K("cifar_resnet", TREE, None, "model family (resnorm_jax.models.MODELS)"),
+          "depth": K(20, TREE),
+          "block": K("auto", TREE, None, "auto | basic | bottleneck"),
+          "width": K(16, TREE, None, "channels of the first stage"),
+          "norm": K("batch", TREE, None, "NORMS spec, e.g. group:32; every norm of the model "
+                    "(ResNet units, stem and head; every LayerNorm of a Transformer)"),
+          "unit": K("full_preact", TREE, None, "UNIT_ORDERINGS name"),
+          "shortcut": K("identity", TREE, None, "SHORTCUTS spec"),
+          "skip": K("skip", TREE, None, "COMBINATORS spec"),
+          "skip_lambda": K(None, TRAJECTORY, optional=float),
+          "weight_standardization": K(False, TRAJECTORY),
+          "bn_momentum": K(0.9, TRAJECTORY, _interval(0, 1)),
+          "bn_epsilon": K(1e-5, TRAJECTORY, _interval(0, math.inf, open_low=True)),
+          "dtype": K("float32", TRAJECTORY, _one_of(*DTYPES),
+                     "compute dtype; parameters and statistics stay float32"),
+          "scan_stages": K(False, TREE, None, "one scanned body per stage (stacked params)"),
+          "remat": K(False, NEUTRAL, None, "recompute each unit in the backward pass"),
+          "preset": K("base", TREE, None, "Transformer: base | big | iwslt | tiny"),
+          "vocab_size": K(37_000, TREE, None, "shared source/target subword vocabulary"),
+          "max_len": K(512, TRAJECTORY, None, "longest sequence (sinusoidal positions)"),
+          "summary_length": K(128, NEUTRAL, None, "tokens per side for resnorm-summary"),
+          "dropout_rate": K(None, TRAJECTORY, _interval(0, 1, closed_high=False),
+                            "None = the preset's", optional=float),
+      },
+      "data": {
+          "name": K("synthetic", TREE, None, "see resnorm_jax.data.DATASETS and "
+                    "resnorm_jax.tasks.translation.corpora.TRANSLATION_DATASETS"),
+          "data_dir": K("", NEUTRAL, None, "TFDS data dir / directory holding the CIFAR "
+                        "tarball / the IWSLT files"),
+          "source": K("auto", NEUTRAL, None,
+                      "CIFAR: auto (TFDS if prepared, else tarball) | tfds | tarball"),
+          "augment": K("crop_flip", TRAJECTORY, None,
+                       "crop_flip (pad + random crop + flip) | crop | none"),
+          "pad": K(4, TRAJECTORY),
+          "synthetic_train_size": K(1024, TRAJECTORY),
+          "synthetic_test_size": K(256, TRAJECTORY),
+      },
+      "parallel": {
+          "mode": K("jit", NEUTRAL, _one_of(*PARALLEL_MODES), "jit | shard_map | pmap"),
+          "bn_sync": K("global", TRAJECTORY, None, "global | local | group:k"),
+          "num_devices": K(0, NEUTRAL, None, "0 = all local devices"),
+      },
+      "train": {
+          "steps": K(1000, TRAJECTORY, _POSITIVE),
+          "batch_size": K(128, TRAJECTORY, _POSITIVE, "global batch"),
+          "seed": K(0, TRAJECTORY),
+          "optimizer": K("sgd", TRAJECTORY, _one_of(*OPTIMIZERS), "sgd | adamw | adam"),
+          "learning_rate": K(0.1, TRAJECTORY, _number(allow_zero=False)),
+          "momentum": K(0.9, TRAJECTORY, _interval(0, 1)),
+          "nesterov": K(False, TRAJECTORY),
+          "b1": K(0.9, TRAJECTORY, _interval(0, 1, closed_high=False)),
+          "b2": K(0.999, TRAJECTORY, _interval(0, 1, closed_high=False)),
+          "eps": K(1e-8, TRAJECTORY),
+          "weight_decay": K(1e-4, TRAJECTORY, _number(allow_zero=True),
+                            "never applied to norm parameters and biases"),
+          "schedule": K("piecewise", TRAJECTORY, _one_of(*SCHEDULES),
+                        "constant | piecewise | cosine | rsqrt"),
+          "boundaries": K((0.5, 0.75), TRAJECTORY, None,
+                          "piecewise: fractions of train.steps (or steps if > 1)"),
+          "decay_factor": K(0.1, TRAJECTORY),
+          "warmup_steps": K(0, TRAJECTORY, _number(allow_zero=True)),
+          "warmup_learning_rate": K(0.0, TRAJECTORY, _number(allow_zero=True),
+                                    "> 0: constant warm-up at this lr (He 2016: 0.01)"),
+          "grad_clip_norm": K(0.0, TRAJECTORY, _number(allow_zero=True), "0 = no clipping"),
+          "label_smoothing": K(0.0, TRAJECTORY, _interval(0, 1, closed_high=False)),
+          "on_nonfinite": K("stop", NEUTRAL, _one_of(*ON_NONFINITE), "stop | skip"),
+          # How a non-finite step's update is dropped: the same state either way, chosen by
+          # measurement (training.resolve_guard, benchmarks/RESULTS.md).
+          "nonfinite_guard": K("auto", NEUTRAL, _one_of(*NONFINITE_GUARDS),
+                               "where (select per leaf) | cond (lax.cond) | auto (cond on "
+                               "CPU, where elsewhere)"),
+          "cpu_workarounds": K(True, NEUTRAL, None,
+                               "XLA:CPU workarounds (resnorm_jax/cpu_workarounds.py): the "
+                               "same math, faster on CPU; no effect on GPU/TPU"),
+          "log_every_steps": K(50, NEUTRAL, _POSITIVE),
+          "layer_stats_every_steps": K(0, NEUTRAL, _int_at_least(
+              0, ": 0 (off) or the number of steps between per-layer statistics"),
+              "> 0: per-layer norms and unit-output moments every N steps "
+              "(resnorm_jax/layer_stats.py)"),
+      },
+      "eval": {
+          "every_steps": K(500, NEUTRAL, None, "0 = only at the end"),
+          "batch_size": K(500, NEUTRAL, _POSITIVE),
+      },
+      # Translation (model.name=transformer): see resnorm_jax/tasks/translation/corpora.py.
+      # The shared SentencePiece vocabulary has model.vocab_size pieces.
+      "translation": {
+          "max_length": K(256, TRAJECTORY, _POSITIVE,
+                          "longest training sentence in pieces (EOS included)"),
+          "max_tokens": K(4096, TRAJECTORY, _POSITIVE,
+                          "token budget of a global batch: rows x bucket length"),
+          "beam_size": K(4, NEUTRAL, _POSITIVE),
+          "length_penalty": K(0.6, NEUTRAL, _number(allow_zero=True), "GNMT alpha"),
+          "eval_max_sentences": K(0, NEUTRAL, _number(allow_zero=True),
+                                  "0 = the whole test set"),
+          "toy_train_size": K(20_000, TRAJECTORY, _POSITIVE),
+          "toy_test_size": K(200, TRAJECTORY, _POSITIVE),
+          "toy_vocab": K(40, TRAJECTORY, _POSITIVE),
+          "toy_max_words": K(10, TRAJECTORY, _POSITIVE),
+      },
+      "checkpoint": {
+          "every_steps": K(1000, NEUTRAL),
+          "keep": K(3, NEUTRAL),
+      },
+  }
+
+
+SCHEMA: dict[str, dict[str, Key]] = _schema()
+
+
 def base_config() -> ml_collections.ConfigDict:
-  """Every key the engine reads, with its default (a small CIFAR PreAct-ResNet)."""
+  """Every key of :data:`SCHEMA` with its default (a small CIFAR PreAct-ResNet), and
+  ``published``: the result an experiment config reproduces -- test error in % (image
+  classification) or test BLEU (translation) where it is published, and a note (e.g.
+  "fail: > 20%"); None = no published number.  Read by resnorm-sweep for its results
+  table, never by training."""
   c = ml_collections.ConfigDict()
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "cifar_resnet"
-  c.model.depth = 20
-  c.model.block = "auto"          # auto | basic | bottleneck
-  c.model.width = 16              # channels of the first stage
-  c.model.norm = "batch"          # NORMS spec, e.g. group:32
-  c.model.unit = "full_preact"    # UNIT_ORDERINGS name
-  c.model.shortcut = "identity"   # SHORTCUTS spec
-  c.model.skip = "skip"           # COMBINATORS spec
-  c.model.skip_lambda = ml_collections.config_dict.placeholder(float)
-  c.model.weight_standardization = False
-  c.model.bn_momentum = 0.9
-  c.model.bn_epsilon = 1e-5
-  c.model.dtype = "float32"       # compute dtype; parameters and statistics stay float32
-  c.model.scan_stages = False
-  c.model.remat = False
-  # Transformer (model.name=transformer); model.norm then replaces its LayerNorms.
-  c.model.preset = "base"         # base | big | iwslt | tiny
-  c.model.vocab_size = 37_000     # shared source/target subword vocabulary
-  c.model.max_len = 512
-  c.model.summary_length = 128    # tokens per side for resnorm-summary's FLOPs
-  c.model.dropout_rate = ml_collections.config_dict.placeholder(float)  # None = the preset's
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "synthetic"       # see resnorm_jax.data.DATASETS
-  c.data.data_dir = ""            # TFDS data dir / directory holding the CIFAR tarball
-  c.data.source = "auto"          # CIFAR: auto (TFDS if prepared, else tarball) | tfds | tarball
-  c.data.augment = "crop_flip"    # crop_flip (pad + random crop + flip) | crop | none
-  c.data.pad = 4
-  c.data.synthetic_train_size = 1024
-  c.data.synthetic_test_size = 256
-
-  c.parallel = ml_collections.ConfigDict()
-  c.parallel.mode = "jit"         # jit | shard_map | pmap
-  c.parallel.bn_sync = "global"   # global | local | group:k
-  c.parallel.num_devices = 0      # 0 = all local devices
-
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 1000
-  c.train.batch_size = 128        # global batch
-  c.train.seed = 0
-  c.train.optimizer = "sgd"       # sgd | adamw | adam
-  c.train.learning_rate = 0.1
-  c.train.momentum = 0.9
-  c.train.nesterov = False
-  c.train.b1 = 0.9
-  c.train.b2 = 0.999
-  c.train.eps = 1e-8
-  c.train.weight_decay = 1e-4     # never applied to norm parameters and biases
-  c.train.schedule = "piecewise"  # constant | piecewise | cosine | rsqrt
-  c.train.boundaries = (0.5, 0.75)  # piecewise: fractions of train.steps (or steps if > 1)
-  c.train.decay_factor = 0.1
-  c.train.warmup_steps = 0
-  c.train.warmup_learning_rate = 0.0  # > 0: constant warm-up at this lr (He 2016: 0.01)
-  c.train.grad_clip_norm = 0.0    # 0 = no clipping
-  c.train.label_smoothing = 0.0
-  c.train.on_nonfinite = "stop"   # stop | skip
-  # How a non-finite step's update is dropped: where (select per leaf) | cond (lax.cond) |
-  # auto (cond on CPU, where elsewhere); the same state either way, chosen by measurement
-  # (training.resolve_guard, benchmarks/RESULTS.md).
-  c.train.nonfinite_guard = "auto"
-  c.train.log_every_steps = 50
-  # > 0: every N steps, per-layer gradient/parameter/update norms and the moments of every
-  # residual unit's output to TensorBoard and layer_stats.jsonl (resnorm_jax/layer_stats.py).
-  c.train.layer_stats_every_steps = 0   # 0 = off
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 500        # 0 = only at the end
-  c.eval.batch_size = 500
-
-  # Translation (model.name=transformer): see resnorm_jax/tasks/translation/corpora.py.  The shared
-  # SentencePiece vocabulary has model.vocab_size pieces.
-  c.translation = ml_collections.ConfigDict()
-  c.translation.max_length = 256    # longest training sentence in pieces (EOS included)
-  c.translation.max_tokens = 4096   # token budget of a global batch: rows x bucket length
-  c.translation.beam_size = 4
-  c.translation.length_penalty = 0.6  # GNMT alpha
-  c.translation.eval_max_sentences = 0  # 0 = the whole test set
-  c.translation.toy_train_size = 20_000
-  c.translation.toy_test_size = 200
-  c.translation.toy_vocab = 40
-  c.translation.toy_max_words = 10
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 1000
-  c.checkpoint.keep = 3
-
-  # The published result an experiment config reproduces: test error in % (image
-  # classification) or test BLEU (translation), where it is published, and a note (e.g.
-  # "fail: > 20%"); None = no published number.  Read by resnorm-sweep for its results
-  # table, never by training.
+  for section, keys in SCHEMA.items():
+    c[section] = ml_collections.ConfigDict()
+    for name, key in keys.items():
+      c[section][name] = key.default_value()
   c.published = ml_collections.ConfigDict({
       "error": ml_collections.config_dict.placeholder(float),
       "bleu": ml_collections.config_dict.placeholder(float), "source": "", "note": ""})
   return c
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Every key's own check (:attr:`Key.check`), section by section in schema order."""
+  for section, keys in SCHEMA.items():
+    for name, key in keys.items():
+      if key.check is not None:
+        key.check(config[section][name], f"{section}.{name}")
+
+
+def resume_class(dotted: str, model_keys: Iterable[str] | None = None) -> str:
+  """The resume class of ``"section.key"``.  A ``model`` key that the model family does not
+  read (``model_keys``: its ``config_keys``) is neutral for it; a key outside the schema is
+  ``TREE`` in ``model`` and ``TRAJECTORY`` elsewhere (the safe side)."""
+  section, _, name = dotted.partition(".")
+  name = name.split(".")[0].split("[")[0]
+  if section == "model" and model_keys is not None and name != "name" and \
+      name not in model_keys:
+    return NEUTRAL
+  if section == "published":
+    return NEUTRAL
+  key = SCHEMA.get(section, {}).get(name)
+  if key is None:
+    return TREE if section == "model" else TRAJECTORY
+  return key.resume
 
 
 def _choice(value: Any, choices: Iterable[str], key: str) -> None:
@@ -163,12 +279,8 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
   _choice(m.name, models.MODELS.names(), "model.name")
   _choice(m.dtype, DTYPES, "model.dtype")
   _spec(NORMS, m.norm, "model.norm")
-  if m.name == "cifar_resnet":
-    _spec(UNIT_ORDERINGS, m.unit, "model.unit")
-    _spec(SHORTCUTS, m.shortcut, "model.shortcut")
   _spec(COMBINATORS, m.skip, "model.skip", lam=m.skip_lambda)
-  models.validate_model_config(config)
-
+  models.validate_model_config(config)     # the family's own checks
 
 # Sections read by training (``published`` is only read by resnorm-sweep's table).
 VALIDATED_SECTIONS = ("model", "data", "parallel", "train", "eval", "translation",
@@ -208,28 +320,24 @@ def check_numbers(config: ml_collections.ConfigDict, *, negatives: bool = True) 
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError for the first invalid value; compiles and writes nothing."""
-  from resnorm_jax import data as data_lib  # local: data imports optional loaders
+  """Raises ConfigError for the first invalid value; compiles and writes nothing.
 
+  Order: finite numbers; the model (registries, the family's checks); every key's own check
+  (:data:`SCHEMA`); the data set against the model's task; keys that depend on each other
+  or on the machine; the task's section; no negative numbers anywhere."""
   p, t = config.parallel, config.train
   check_numbers(config, negatives=False)
   validate_model(config)
-  _choice(p.mode, PARALLEL_MODES, "parallel.mode")
-  _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
-  _choice(t.schedule, SCHEDULES, "train.schedule")
-  _choice(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")
-  _choice(t.nonfinite_guard, NONFINITE_GUARDS, "train.nonfinite_guard")
-  from resnorm_jax.tasks.translation import corpora
-  _choice(config.data.name, data_lib.DATASETS.names() +
-          corpora.TRANSLATION_DATASETS.names(), "data.name")
-  is_text = config.data.name in corpora.TRANSLATION_DATASETS.names()
-  if (config.model.name == "transformer") != is_text:
-    needs = ("a translation data set" if config.model.name == "transformer"
-             else "an image data set")
-    valid = (corpora.TRANSLATION_DATASETS if config.model.name == "transformer"
-             else data_lib.DATASETS).names()
-    raise ConfigError(f"model.name={config.model.name!r} needs {needs}, not "
-                      f"data.name={config.data.name!r}; valid choices: {', '.join(valid)}")
+  check_keys(config)
+  from resnorm_jax import models, tasks
+  task = models.family(config).meta["task"]
+  data_sets = tasks.data_sets(task)
+  if config.data.name not in data_sets.names():
+    everything = [n for name in tasks.TASKS.names() for n in tasks.data_sets(name).names()]
+    _choice(config.data.name, everything, "data.name")   # a typo: the closest name
+    raise ConfigError(f"model.name={config.model.name!r} trains on {task} data, not "
+                      f"data.name={config.data.name!r}; valid choices: "
+                      f"{', '.join(data_sets.names())}")
 
   requested = p.num_devices or num_devices
   if p.num_devices < 0 or requested > num_devices:
@@ -239,26 +347,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     bn_sync_group_size(p.bn_sync, requested)
   except ConfigError as e:
     raise ConfigError(f"parallel.bn_sync: {e}") from None
-  for key in ("steps", "batch_size", "log_every_steps"):
-    if not isinstance(t[key], int) or t[key] < 1:
-      raise ConfigError(f"train.{key}={t[key]!r} must be a positive integer")
-  every = t.layer_stats_every_steps
-  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-    raise ConfigError(f"train.layer_stats_every_steps={every!r} must be a non-negative "
-                      "integer: 0 (off) or the number of steps between per-layer statistics")
   if t.batch_size % requested:
     raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the "
                       f"{requested} data-parallel devices; e.g. use "
                       f"{requested * max(1, t.batch_size // requested)}")
-  if config.eval.batch_size < 1:
-    raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be a positive integer")
-  _positive(t.learning_rate, "train.learning_rate")
-  _ranges(config)
-  for key in ("weight_decay", "grad_clip_norm", "label_smoothing", "warmup_steps",
-              "warmup_learning_rate", "momentum"):
-    _positive(t[key], f"train.{key}", allow_zero=True)
-  if not 0 <= t.label_smoothing < 1:
-    raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+  if t.optimizer in ("adam", "adamw"):
+    _in_range(t.eps, "train.eps", 0, math.inf, open_low=True)
+  for key in ("synthetic_train_size", "synthetic_test_size"):
+    if config.data.name == "synthetic" and config.data[key] < 1:
+      raise ConfigError(f"data.{key}={config.data[key]!r} must be a positive integer")
   if t.schedule == "piecewise" and list(t.boundaries) != sorted(t.boundaries):
     raise ConfigError(f"train.boundaries={tuple(t.boundaries)} must be increasing")
   for key in ("every_steps",):
@@ -266,10 +363,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError("eval.every_steps and checkpoint.every_steps must be >= 0")
   if config.checkpoint.keep < 1:
     raise ConfigError(f"checkpoint.keep={config.checkpoint.keep} must be >= 1")
-  if is_text:
-    validate_translation(config, requested)
-  else:
-    data_lib.validate_data_config(config)
+  tasks.task_class(config).validate(config, requested)   # the task's data section
   check_numbers(config)
 
 
@@ -282,30 +376,9 @@ def _in_range(value, key: str, low: float, high: float, *, closed_high: bool = T
     raise ConfigError(f"{key}={value!r} must be in {interval}")
 
 
-def _ranges(config: ml_collections.ConfigDict) -> None:
-  """Keys whose valid values are an interval (nan, inf and negatives are refused for every
-  key by :func:`check_numbers`)."""
-  m, t = config.model, config.train
-  _in_range(m.bn_momentum, "model.bn_momentum", 0, 1)
-  _in_range(m.bn_epsilon, "model.bn_epsilon", 0, math.inf, open_low=True)
-  if m.dropout_rate is not None:
-    _in_range(m.dropout_rate, "model.dropout_rate", 0, 1, closed_high=False)
-  _in_range(t.momentum, "train.momentum", 0, 1)
-  for key in ("b1", "b2"):
-    _in_range(t[key], f"train.{key}", 0, 1, closed_high=False)
-  if t.optimizer in ("adam", "adamw"):
-    _in_range(t.eps, "train.eps", 0, math.inf, open_low=True)
-  for key in ("synthetic_train_size", "synthetic_test_size"):
-    if config.data.name == "synthetic" and config.data[key] < 1:
-      raise ConfigError(f"data.{key}={config.data[key]!r} must be a positive integer")
-
-
 def validate_translation(config: ml_collections.ConfigDict, replicas: int) -> None:
+  """Checks across keys of the translation task (each key's own check is in SCHEMA)."""
   tr, m = config.translation, config.model
-  for key in ("max_length", "max_tokens", "beam_size", "toy_train_size", "toy_test_size",
-              "toy_vocab", "toy_max_words"):
-    if not isinstance(tr[key], int) or tr[key] < 1:
-      raise ConfigError(f"translation.{key}={tr[key]!r} must be a positive integer")
   if tr.max_length > m.max_len:
     raise ConfigError(f"translation.max_length={tr.max_length} exceeds model.max_len="
                       f"{m.max_len}")
@@ -313,5 +386,4 @@ def validate_translation(config: ml_collections.ConfigDict, replicas: int) -> No
     raise ConfigError(f"translation.max_tokens={tr.max_tokens} must be >= {replicas} "
                       f"replicas x translation.max_length={tr.max_length} = "
                       f"{replicas * tr.max_length}")
-  _positive(tr.length_penalty, "translation.length_penalty", allow_zero=True)
-  _positive(tr.eval_max_sentences, "translation.eval_max_sentences", allow_zero=True)
+

@@ -1,4 +1,15 @@
-"""Fast convolution gradients inside loops on CPU: canonical dimension numbers everywhere.
+"""The XLA:CPU workarounds, in one place: each is the same math, only faster on CPU.
+
+1. :func:`materialize_grad` (used by the models at each residual unit's output when
+   ``train.cpu_workarounds`` is on): the stream gradient is computed once into a buffer
+   instead of being re-fused into every consumer; lowered to a conditional on CPU only.
+2. :func:`canonicalize_convs` (applied by the step builder, :func:`apply`): canonical
+   convolution layouts inside loop bodies.
+
+``--config.train.cpu_workarounds=False`` switches both off (e.g. to measure them, or when a
+newer XLA no longer needs them); GPUs and TPUs never see either.
+
+Fast convolution gradients inside loops on CPU: canonical dimension numbers everywhere.
 
 XLA's CPU backend runs a convolution through Eigen's fast kernel only when its dimension
 numbers are canonical (input ``N,spatial...,C``, kernel ``spatial...,I,O``, output
@@ -13,8 +24,8 @@ with a swapped kernel), so the backward pass of a scanned stack of convolutions
 ``scan``/``while``/``cond``/``jit``/``remat`` bodies: each non-canonical
 ``conv_general_dilated`` becomes transpose → canonical convolution → transpose: the same
 computation (the fast kernel may sum in another order).  ``training.make_train_step``
-applies it to scanned CPU steps; GPUs and TPUs choose convolution layouts in every
-computation themselves.
+applies it to CPU steps of models with loops (:func:`apply`); GPUs and TPUs choose
+convolution layouts in every computation themselves.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 import jax.extend.core as jcore
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -139,3 +151,52 @@ def for_platform(fn: Callable, platform: str) -> Callable:
   ``gpu``/``tpu`` and any other platform, whose compilers choose convolution layouts in loop
   bodies too, so the rewrite would only add transposes there."""
   return canonicalize_convs(fn) if platform == "cpu" else fn
+
+
+def enabled(config) -> bool:
+  """``train.cpu_workarounds`` (default on)."""
+  return bool(config.train.get("cpu_workarounds", True))
+
+
+def apply(train_step: Callable, config, platform: str, model) -> Callable:
+  """The step builder's hook: :func:`canonicalize_convs` around ``train_step`` on CPU when
+  the workarounds are on and the model runs convolutions inside loops (a model with a true
+  ``scan_stages`` field); ``train_step`` itself otherwise."""
+  if not enabled(config) or not getattr(model, "scan_stages", False):
+    return train_step
+  return for_platform(train_step, platform)
+
+
+# ----------------------------------------------------------------------------------------
+# The residual stream's gradient, materialized once per unit.
+# ----------------------------------------------------------------------------------------
+def _materialized_on_cpu(x, t):
+  """``t`` returned through a conditional: XLA must compute a conditional's operand into one
+  buffer, so every consumer reads it instead of fusing (and re-running) its producers.
+  Both branches are the identity (written differently, or JAX would inline the cond); the
+  predicate, from the primal ``x``, is always true but opaque to the compiler."""
+  first = x.reshape(-1)[:1]
+  opaque_true = jnp.all(first == first) | jnp.all(first != first)
+  return lax.cond(opaque_true, lambda a: a, lambda a: a * jnp.ones((), a.dtype), t)
+
+
+@jax.custom_jvp
+def materialize_grad(x):
+  """Identity whose derivative (and so the gradient) is computed once into a buffer on CPU.
+
+  In a residual stack the gradient of the stream is a running sum over every later unit,
+  ``dL/dx_l = dL/dx_{l+1} + J_l^T(...)``.  XLA's CPU fusion treats those additions as cheap
+  and duplicates them into every consumer fusion, so each unit re-reads the activations of
+  all later units it can fit into one fusion: on a PreAct-ResNet-110 step that is 3,244
+  copies of 111 additions and 29 GB of memory traffic.  Materializing the stream gradient
+  once per unit brings it to 539 copies and 21 GB (benchmarks/RESULTS.md).  The rule is
+  linear in the tangent, so reverse mode transposes it into the same conditional on the
+  cotangent; other backends keep the plain identity.
+  """
+  return x
+
+
+@materialize_grad.defjvp
+def _materialize_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return x, lax.platform_dependent(x, t, cpu=_materialized_on_cpu, default=lambda x, t: t)

@@ -85,7 +85,8 @@ def channel_moments(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float,
 # Sources.
 # ----------------------------------------------------------------------------------------
 @DATASETS.register("digits", "scikit-learn's 1,797 handwritten digits (8x8x1, 10 classes), "
-                   "shipped inside the package: 1,437 train / 360 test")
+                   "shipped inside the package: 1,437 train / 360 test",
+                   image_shape=(8, 8, 1), num_classes=10)
 def _digits(arg, config) -> ImageDataset:
   from sklearn.datasets import load_digits
   digits = load_digits()
@@ -98,7 +99,7 @@ def _digits(arg, config) -> ImageDataset:
 
 
 @DATASETS.register("synthetic", "random uint8 images of CIFAR's shape (32x32x3, 10 classes) "
-                   "for smoke runs and benchmarks")
+                   "for smoke runs and benchmarks", image_shape=(32, 32, 3), num_classes=10)
 def _synthetic(arg, config) -> ImageDataset:
   rng = np.random.default_rng(config.train.seed)
   n_train, n_test = config.data.synthetic_train_size, config.data.synthetic_test_size
@@ -273,14 +274,14 @@ def load_cifar(name: str, config) -> ImageDataset:
 
 @DATASETS.register("cifar10", "CIFAR-10 (32x32x3, 10 classes, 50k/10k): prepared TFDS "
                    "ArrayRecord data or the official binary tarball in data.data_dir "
-                   "(data.source)")
+                   "(data.source)", image_shape=(32, 32, 3), num_classes=10)
 def _cifar10(arg, config) -> ImageDataset:
   return load_cifar("cifar10", config)
 
 
 @DATASETS.register("cifar100", "CIFAR-100 (fine labels, 100 classes): prepared TFDS "
                    "ArrayRecord data or the official binary tarball in data.data_dir "
-                   "(data.source)")
+                   "(data.source)", image_shape=(32, 32, 3), num_classes=100)
 def _cifar100(arg, config) -> ImageDataset:
   return load_cifar("cifar100", config)
 

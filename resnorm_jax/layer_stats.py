@@ -16,9 +16,12 @@ same update and also returns, in ``metrics["layer_stats"]``:
   (:func:`resnorm_jax.analysis.stats.kurtosis`, the moments diagnostic's definition).
 
 Squared norms add up, so the host groups leaves into layers exactly (:func:`summarize`).  A
-residual unit is the outermost :class:`ConvUnit` or :class:`SkipCombinator` of a model
-(taps via Flax ``capture_intermediates``, nothing added to the parameters or checkpoints):
-``stage2_unit3`` in a CIFAR ResNet, ``encoder/layer_0/ffn_skip`` in a Transformer.  A layer
+residual unit is what the model taps: a module that calls
+:func:`resnorm_jax.layers.taps.tap` on its output
+(``self.sow`` into the :data:`TAPS` collection, which exists only while a statistics step
+asks for it: nothing is added to the parameters, checkpoints or the plain step).  The unit's
+name is the tapping module's path: ``stage2_unit3`` in a CIFAR ResNet,
+``encoder/layer_0/ffn_skip`` in a Transformer; the model chooses it, not a pattern here.  A layer
 (the parameter group of a unit) is the path up to the first name ending in ``unit<i>`` or
 ``layer_<i>``, else the module holding the leaf (``stem_conv``, ``classifier``,
 ``decoder/final_norm``).  Names and groups are listed in depth order: the order in which
@@ -39,10 +42,9 @@ from jax import lax
 
 from resnorm_jax import parallelism
 from resnorm_jax.analysis.stats import kurtosis_from_moments
-from resnorm_jax.layers import ConvUnit, SkipCombinator
 from resnorm_jax.metrics import MetricWriter
 
-RESIDUAL_MODULES = (ConvUnit, SkipCombinator)
+from resnorm_jax.layers.taps import TAPS   # the collection models sow unit outputs into
 NORMS = ("grad_norm", "param_norm", "update_norm")
 MOMENTS = ("mean", "std", "rms", "kurtosis")
 # TensorBoard tag prefixes: layer_grad_norm/stage2_unit3, act_std/stage2_unit3.
@@ -53,8 +55,6 @@ FILENAME = "layer_stats.jsonl"
 # (leading axis: the unit); they are reported as stage<s>_unit2 .. stage<s>_unit<n>.
 _STACKED = re.compile(r"^(stage\d+)_units$")
 _UNIT = re.compile(r"(unit|layer)_?\d+$")
-# CifarResNet wraps each ConvUnit as ``stage<s>_unit<i>/unit``; the wrapper names the unit.
-_WRAPPER = "unit"
 
 Path = tuple[str, ...]
 
@@ -62,24 +62,12 @@ Path = tuple[str, ...]
 # ----------------------------------------------------------------------------------------
 # Inside the train step (traced).
 # ----------------------------------------------------------------------------------------
-def is_residual_unit(module: nn.Module, method_name: str) -> bool:
-  """``capture_intermediates`` filter: calls of the outermost residual modules."""
-  if method_name != "__call__" or not isinstance(module, RESIDUAL_MODULES):
-    return False
-  parent = module.parent
-  while isinstance(parent, nn.Module):
-    if isinstance(parent, RESIDUAL_MODULES):
-      return False
-    parent = parent.parent
-  return True
 
 
 def apply_kwargs(capture: bool) -> dict[str, Any]:
   """``model.apply`` keywords of a train step: mutable BatchNorm statistics, and with
-  ``capture`` the residual units' outputs in the ``intermediates`` collection."""
-  if not capture:
-    return {"mutable": ["batch_stats"]}
-  return {"mutable": ["batch_stats", "intermediates"], "capture_intermediates": is_residual_unit}
+  ``capture`` the residual units' tapped outputs in the :data:`TAPS` collection."""
+  return {"mutable": ["batch_stats", TAPS] if capture else ["batch_stats"]}
 
 
 def _is_stacked(path: Path) -> bool:
@@ -135,14 +123,14 @@ def unweighted(path: Path) -> None:
   del path
 
 
-def activation_moments(intermediates, *, axis_name: str | None = None,
+def activation_moments(taps, *, axis_name: str | None = None,
                        weights_for: Callable[[Path], jax.Array | None] = unweighted
                        ) -> dict[str, dict[str, jax.Array]]:
-  """:func:`unit_moments` of every captured unit output, keyed by module path;
+  """:func:`unit_moments` of every tapped unit output, keyed by module path;
   ``weights_for(module path)``: the weights of that unit's positions (e.g. a token mask)."""
   out = {}
-  for key, outputs in traverse_util.flatten_dict(intermediates).items():
-    path = key[:-1]                                         # drop the method name
+  for key, outputs in traverse_util.flatten_dict(taps).items():
+    path = key[:-1]                                         # drop the tap's own name
     for i, y in enumerate(outputs):
       name = "/".join(path) + (f"#{i}" if len(outputs) > 1 else "")
       out[name] = unit_moments(y, weights_for(path), stacked=_is_stacked(path),
@@ -150,13 +138,13 @@ def activation_moments(intermediates, *, axis_name: str | None = None,
   return out
 
 
-def step_stats(grads, params, new_params, intermediates, *, axis_name: str | None = None,
+def step_stats(grads, params, new_params, taps, *, axis_name: str | None = None,
                weights_for: Callable[[Path], jax.Array | None] = unweighted) -> dict:
   """``metrics["layer_stats"]`` of one step; see the module docstring."""
   return {"grad_sq": leaf_square_norms(grads), "param_sq": leaf_square_norms(params),
           "update_sq": leaf_square_norms(jax.tree_util.tree_map(jnp.subtract, new_params,
                                                                 params)),
-          "activations": activation_moments(intermediates, axis_name=axis_name,
+          "activations": activation_moments(taps, axis_name=axis_name,
                                             weights_for=weights_for)}
 
 
@@ -225,7 +213,7 @@ def _entries(sizes: dict[str, int], ranks: _Ranks, *, leaf: bool):
 
 
 def _display(path: Path) -> str:
-  return "/".join(part for part in path if part != _WRAPPER)
+  return "/".join(path)
 
 
 def _jsonable(values) -> list:

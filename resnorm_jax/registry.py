@@ -15,12 +15,33 @@ from typing import Any, Callable, Iterator
 from resnorm_jax.errors import ConfigError
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)   # one object per name: hashed by identity
 class Entry:
+  """A registered variant: its constructor, documentation, argument parser and metadata
+  (facts about the variant that validation and the engine read, e.g. a norm's
+  ``batch_stats``, a model's ``task``)."""
   name: str
   build: Callable[..., Any]
   doc: str
   arg_doc: str | None = None  # e.g. "G: number of groups (default 32)"
+  parse_arg: Callable[[str | None], Any] | None = None   # None: the raw ':' string
+  meta: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A parsed spec: the entry and its argument, parsed (and defaulted) once."""
+  entry: Entry
+  arg: Any
+  text: str
+
+  @property
+  def name(self) -> str:
+    return self.entry.name
+
+  @property
+  def meta(self) -> dict:
+    return self.entry.meta
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -38,13 +59,21 @@ class Registry:
     self.kind = kind
     self._entries: dict[str, Entry] = {}
 
-  def register(self, name: str, doc: str, arg_doc: str | None = None):
+  def register(self, name: str, doc: str, arg_doc: str | None = None, *,
+               parse=None, **meta):
+    """Decorator registering ``build(arg, **context)``; ``parse(arg_text | None)`` turns
+    the ``:arg`` text into the value ``build`` and :meth:`parse` callers receive (raise
+    ConfigError for a bad one); ``meta``: facts about the entry (:attr:`Entry.meta`)."""
     def decorator(build):
       if name in self._entries:
         raise ValueError(f"{self.kind} {name!r} is registered twice")
-      self._entries[name] = Entry(name, build, doc, arg_doc)
+      self._entries[name] = Entry(name, build, doc, arg_doc, parse, dict(meta))
       return build
     return decorator
+
+  def unregister(self, name: str) -> None:
+    """Removes ``name`` (tests and interactive sessions that register their own entries)."""
+    self._entries.pop(name, None)
 
   def names(self) -> list[str]:
     return list(self._entries)
@@ -68,9 +97,21 @@ class Registry:
       raise ConfigError(f"{self.kind} {name!r} takes no ':' argument, got {spec!r}")
     return entry, arg
 
-  def build(self, spec: str, **context):
+  def parse(self, spec: str | Spec) -> Spec:
+    """The entry of ``spec`` and its parsed argument, without building anything."""
+    if isinstance(spec, Spec):
+      return spec
     entry, arg = self.entry(spec)
-    return entry.build(arg, **context)
+    if entry.parse_arg is not None:
+      try:
+        arg = entry.parse_arg(arg)
+      except ConfigError as e:
+        raise ConfigError(f"{self.kind} {spec!r}: {e}") from None
+    return Spec(entry, arg, spec)
+
+  def build(self, spec: str | Spec, **context):
+    parsed = self.parse(spec)
+    return parsed.entry.build(parsed.arg, **context)
 
   def validate(self, spec: str, **context) -> None:
     """Raises ConfigError if ``spec`` would not build (used before anything compiles)."""

@@ -93,23 +93,33 @@ def format_table(rows, total_params, total_flops, title="") -> str:
   return "\n".join(lines)
 
 
+def summary_inputs(config):
+  """(model, example inputs with batch 1, call kwargs, FLOPs not in layers) of ``config``'s
+  model family, with the data shapes its task knows from the config alone."""
+  from resnorm_jax import models, tasks
+  model = models.build_model(config, models.norm_context(config),
+                             tasks.task_class(config).static_data(config))
+  family = models.family(config)
+  return (model, models.example_inputs(config, tasks.task_class(config).static_data(config)),
+          {"train": False}, family.meta["extra_flops"](config, model))
+
+
 def summarize_config(config) -> str:
-  """The table for a training config (image models: one example of the data's shape)."""
-  from resnorm_jax import data as data_lib, models
+  """The table for a training config (one example of the data's shape)."""
+  from resnorm_jax import models
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
     if "scan_stages" in cfg.model:
       cfg.model.scan_stages = False   # count each unit, not one traced body per stage
       cfg.model.remat = False
-  model, inputs, kwargs, extra = models.summary_inputs(cfg)
+  model, inputs, kwargs, extra = summary_inputs(cfg)
   rows, params, flops = model_summary(model, inputs, init_kwargs=kwargs, apply_kwargs=kwargs,
                                       extra_flops=extra)
   m = cfg.model
-  shape = (f"preset={m.preset} vocab={m.vocab_size} (FLOPs for {m.summary_length}-token "
-           "source and target)" if m.name == "transformer" else
-           f"depth={m.depth} unit={m.unit} shortcut={m.shortcut}")
-  title = (f"{m.name} {shape} norm={m.norm} skip={m.skip}"
-           + (f" lambda={m.skip_lambda}" if m.skip_lambda else ""))
+  keys = models.family(cfg).meta["title_keys"]
+  shapes = " x ".join(str(tuple(x.shape[1:])) for x in inputs)
+  title = (f"{m.name} " + " ".join(f"{k}={m[k]}" for k in keys if m[k] is not None)
+           + f" (FLOPs per example of shape {shapes})")
   return format_table(rows, params, flops, title)
 
 

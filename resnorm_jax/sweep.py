@@ -244,12 +244,12 @@ def train_command(config_path: str, variant: str, seed: int, run_dir: str,
 # The metric of a config: test error % (images) or BLEU (translation).
 # ----------------------------------------------------------------------------------------
 def metric_of(config) -> dict[str, Any]:
-  """{"key", "label", "higher_is_better", "published"} of the config's task."""
-  if config.model.name == "transformer":
-    return {"key": "bleu", "label": "test BLEU", "higher_is_better": True,
-            "published": config.published.bleu}
-  return {"key": "error", "label": "test error %", "higher_is_better": False,
-          "published": config.published.error}
+  """{"key", "label", "higher_is_better", "published"} of the config's task (its
+  registry entry's ``headline``: the evaluation metric the paper tables report)."""
+  from resnorm_jax import models, tasks
+  key, label, higher = tasks.headline(models.family(config).meta["task"])
+  return {"key": key, "label": label, "higher_is_better": higher,
+          "published": config.published[key]}
 
 
 def metric_value(eval_metrics: dict | None, key: str) -> float | None:
@@ -655,12 +655,11 @@ def sweep(config_path: str, plan: list[dict], workdir: str, overrides: list[str]
 # ----------------------------------------------------------------------------------------
 def describe_model(c) -> str:
   """The model settings a variant changes, for the --dry_run plan."""
-  lam = "" if c.model.skip_lambda is None else f" skip_lambda={c.model.skip_lambda:g}"
-  if c.model.name == "transformer":
-    return f"model=transformer preset={c.model.preset} skip={c.model.skip}{lam} " \
-           f"norm={c.model.norm}"
-  return (f"model.depth={c.model.depth} unit={c.model.unit} shortcut={c.model.shortcut} "
-          f"skip={c.model.skip}{lam} norm={c.model.norm}")
+  from resnorm_jax import models
+  keys = models.family(c).meta["title_keys"]
+  return f"model={c.model.name} " + " ".join(
+      f"{k}={c.model[k]:g}" if isinstance(c.model[k], float) else f"{k}={c.model[k]}"
+      for k in keys if c.model[k] is not None)
 
 
 def _task_argv(config_path: str, workdir: str, variant: str, seed: int,

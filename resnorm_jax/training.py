@@ -24,12 +24,13 @@ import numpy as np
 import optax
 from jax import lax
 
-from resnorm_jax import checkpointing, config as config_lib, cpu_workarounds, data as data_lib
-from resnorm_jax import layer_stats as layer_stats_lib, models, parallelism
+from resnorm_jax import checkpointing, config as config_lib, cpu_workarounds
+from resnorm_jax import layer_stats as layer_stats_lib, parallelism, tasks
 from resnorm_jax import workdir as workdir_lib
 from resnorm_jax.errors import (ConfigError, NonFiniteLossError, StorageError,
                                 WorkdirLockedError, quiet_storage_logs, storage_error)
 from resnorm_jax.metrics import MetricWriter, Progress
+from resnorm_jax.tasks.base import Task
 
 
 @flax.struct.dataclass
@@ -43,91 +44,24 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------------------
-# Optimizer and schedules.
+# The state: one initializer, its shapes by abstract evaluation.
 # ----------------------------------------------------------------------------------------
-def learning_rate_schedule(t: ml_collections.ConfigDict, total_steps: int) -> Callable:
-  """lr(step): ``constant``, ``piecewise`` (He 2016: ×decay_factor at each boundary),
-  ``cosine`` (to 0 at the last step) or ``rsqrt`` (lr·sqrt(w / max(step, w)), Vaswani et
-  al. 2017), after ``warmup_steps`` of warm-up: constant at ``warmup_learning_rate`` when it
-  is > 0 (He 2016: 0.01 for 400 steps), else linear from 0."""
-  lr, w = float(t.learning_rate), int(t.warmup_steps)
-  if t.schedule == "constant":
-    base = lambda s: jnp.full((), lr, jnp.float32)
-  elif t.schedule == "piecewise":
-    bounds = [int(round(b * total_steps)) if b <= 1 else int(b) for b in t.boundaries]
-    base = optax.piecewise_constant_schedule(lr, {b: t.decay_factor for b in bounds})
-  elif t.schedule == "cosine":
-    cosine = optax.cosine_decay_schedule(lr, max(total_steps - w, 1))
-    base = lambda s: cosine(jnp.maximum(s - w, 0))
-  elif t.schedule == "rsqrt":
-    base = lambda s: lr * jnp.sqrt(max(w, 1) / jnp.maximum(s, max(w, 1)).astype(jnp.float32))
-  else:
-    raise ConfigError(f"unknown train.schedule {t.schedule!r}")
-  if w <= 0:
-    return base
-  warm_lr = float(t.warmup_learning_rate)
-
-  def schedule(step):
-    warm = (jnp.full((), warm_lr, jnp.float32) if warm_lr > 0
-            else lr * (step.astype(jnp.float32) + 1) / w)
-    return jnp.where(step < w, warm, base(step))
-  return schedule
+def build_task(config: ml_collections.ConfigDict, mesh) -> Task:
+  """The task ``model.name`` trains with (:mod:`resnorm_jax.tasks`); loads its data."""
+  return tasks.task_class(config)(config, mesh)
 
 
-def decay_mask(params):
-  """Weight decay applies to kernels only: never to norm parameters, biases or gains."""
-  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
-
-
-def make_optimizer(t: ml_collections.ConfigDict, total_steps: int):
-  schedule = learning_rate_schedule(t, total_steps)
-  parts = []
-  if t.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(t.grad_clip_norm))
-  if t.optimizer == "adamw":
-    parts.append(optax.adamw(schedule, t.b1, t.b2, t.eps, weight_decay=t.weight_decay,
-                             mask=decay_mask))
-  else:
-    if t.weight_decay > 0:  # L2 regularisation coupled to the gradient (He 2016; Adam)
-      parts.append(optax.add_decayed_weights(t.weight_decay, decay_mask))
-    if t.optimizer == "sgd":
-      parts.append(optax.sgd(schedule, t.momentum or None, nesterov=t.nesterov))
-    else:
-      parts.append(optax.adam(schedule, t.b1, t.b2, t.eps))
-  return optax.chain(*parts), schedule
-
-
-def cross_entropy(logits, labels, smoothing: float = 0.0):
-  targets = jax.nn.one_hot(labels, logits.shape[-1])
-  if smoothing:
-    targets = optax.smooth_labels(targets, smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-# ----------------------------------------------------------------------------------------
-# Steps.
-# ----------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Task:
-  """Everything the steps need, built once from the config."""
-  config: ml_collections.ConfigDict
-  dataset: data_lib.ImageDataset
-  mesh: jax.sharding.Mesh
-  model_for: Callable[[str | None], Any]   # axis_name -> model
-  tx: optax.GradientTransformation
-  schedule: Callable
-
-  @property
-  def model(self):
-    return self.model_for(None)
-
-
-def build_task(config, dataset, mesh) -> Task:
-  n = mesh.devices.size
-  model_for = lambda axis_name: models.build_model(
-      config, models.norm_context(config, n, axis_name), dataset.num_classes)
-  tx, schedule = make_optimizer(config.train, config.train.steps)
-  return Task(config, dataset, mesh, model_for, tx, schedule)
+def _init_fn(task: Task) -> Callable:
+  def init(key):
+    variables = task.model.init({"params": key, "dropout": key}, *task.example_inputs(),
+                                train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=task.tx.init(params),
+                      nonfinite_step=jnp.full((), -1, jnp.int32),
+                      skipped_steps=jnp.zeros((), jnp.int32))
+  return init
 
 
 # The initializer runs once: on CPU, compiling it without LLVM optimizations takes a third
@@ -135,47 +69,37 @@ def build_task(config, dataset, mesh) -> Task:
 _RUN_ONCE_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
 
 
+def make_init(task: Task) -> tuple[Callable, jax.Array]:
+  """``(init, key)``: the jitted initializer of :func:`init_state` and its key."""
+  options = _RUN_ONCE_OPTIONS.get(task.mesh.devices.flat[0].platform)
+  return jax.jit(_init_fn(task), out_shardings=parallelism.replicated(task.mesh),
+                 compiler_options=options), jax.random.key(task.config.train.seed)
+
+
 def init_state(task: Task) -> TrainState:
-  """Initialises parameters (float32) and optimizer state, replicated over the mesh."""
+  """Parameters (float32) and optimizer state from ``train.seed``, replicated over the mesh."""
   init, key = make_init(task)
   return init(key)
 
 
-def make_init(task: Task) -> tuple[Callable, jax.Array]:
-  """``(init, key)``: the jitted initializer of :func:`init_state` and its key."""
-  shape = (1,) + task.dataset.image_shape
-
-  def init(key):
-    variables = task.model.init({"params": key, "dropout": key}, jnp.zeros(shape), train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=task.tx.init(params),
-                      nonfinite_step=jnp.full((), -1, jnp.int32),
-                      skipped_steps=jnp.zeros((), jnp.int32))
-
-  key = jax.random.key(task.config.train.seed)
-  options = _RUN_ONCE_OPTIONS.get(task.mesh.devices.flat[0].platform)
-  return jax.jit(init, out_shardings=parallelism.replicated(task.mesh),
-                 compiler_options=options), key
-
-
 def abstract_state(task: Task) -> TrainState:
-  """Shapes, dtypes and (replicated) shardings of the state, without computing it."""
-  shape = (1,) + task.dataset.image_shape
+  """Shapes, dtypes and (replicated) shardings of :func:`init_state`'s state, by abstract
+  evaluation of the same initializer (nothing is computed)."""
   sharding = parallelism.replicated(task.mesh)
-
-  def init(key):
-    variables = task.model.init({"params": key, "dropout": key}, jnp.zeros(shape), train=False)
-    return TrainState(jnp.zeros((), jnp.int32), variables["params"],
-                      variables.get("batch_stats", {}), task.tx.init(variables["params"]),
-                      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-
-  shapes = jax.eval_shape(init, jax.random.key(0))
+  shapes = jax.eval_shape(_init_fn(task), jax.random.key(0))
   return jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
+def state_bytes(abstract) -> int:
+  """Bytes of a (abstract) train state: what one checkpoint of it stores."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(abstract))
+
+
+# ----------------------------------------------------------------------------------------
+# The step.
+# ----------------------------------------------------------------------------------------
 def resolve_guard(guard: str, platform: str) -> str:
   """``train.nonfinite_guard`` for ``platform``: ``auto`` is ``cond`` on CPU, where the
   per-leaf selects of ``where`` made the Transformer-base step 1.16-1.26x a bare jitted step
@@ -223,108 +147,73 @@ def apply_gradients(tx, state: TrainState, grads, loss, batch_stats,
 
 
 def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
-  """``train_step(state, images, labels, indices) -> (state, metrics)``.
+  """``train_step(state, inputs) -> (state, metrics)`` for ``inputs = task.inputs(step)``.
 
-  ``images``/``labels`` are the whole uint8 training set on the devices (replicated);
-  ``indices`` the global batch's example indices (batch-sharded).  Gathering, augmentation
-  and normalization run on the global batch in every style, so all styles see identical
-  inputs; the per-replica function then reduces gradients, metrics and (inside the model)
-  BatchNorm statistics by axis name.  With ``layer_stats`` the same update also returns
-  ``metrics["layer_stats"]`` (:func:`resnorm_jax.layer_stats.step_stats`).
+  The one step of every task (see :mod:`resnorm_jax.tasks.base` for the math): the task
+  prepares the global batch from ``fold_in(seed, step)``, then the per-replica function
+  computes the task's loss sum over its slice divided by the global count N (counted and
+  ``psum``-ed first: it does not depend on the parameters), so ``psum`` of the gradients is
+  the global-batch gradient in every execution style (``jit``, ``shard_map``, ``pmap``;
+  :func:`resnorm_jax.parallelism.data_parallel`).  Metrics: ``loss``, ``grad_norm``,
+  ``learning_rate`` and the task's (:meth:`Task.step_metrics`).  With ``layer_stats`` the
+  same update also returns ``metrics["layer_stats"]``
+  (:func:`resnorm_jax.layer_stats.step_stats`).  On CPU the compiler workarounds of
+  :mod:`resnorm_jax.cpu_workarounds` apply (``parallel.cpu_workarounds``).
   """
-  config, dataset = task.config, task.dataset
+  config = task.config
   seed_key = jax.random.key(config.train.seed)
-  smoothing = float(config.train.label_smoothing)
   stop_on_nonfinite = config.train.on_nonfinite == "stop"
-  guard = resolve_guard(config.train.nonfinite_guard, task.mesh.devices.flat[0].platform)
-
-  def prepare(step, images, labels, indices):
-    key = jax.random.fold_in(seed_key, step)
-    batch = data_lib.augment(images[indices], jax.random.fold_in(key, 0),
-                             pad=config.data.pad, mode=config.data.augment)
-    return jax.random.fold_in(key, 1), data_lib.normalize(batch, dataset.mean, dataset.std), \
-        labels[indices]
+  platform = task.mesh.devices.flat[0].platform
+  guard = resolve_guard(config.train.nonfinite_guard, platform)
+  apply_kwargs = layer_stats_lib.apply_kwargs(layer_stats)
 
   def make_fn(axis_name):
     model = task.model_for(axis_name)
 
-    def step_fn(state: TrainState, key, x, labels):
+    def step_fn(state: TrainState, key, batch):
       if axis_name is not None:
         key = jax.random.fold_in(key, lax.axis_index(axis_name))
+      weight = task.weight(batch)
+      if axis_name is not None:
+        weight = lax.psum(weight, axis_name)
+      denominator = jnp.maximum(weight, 1.0)
 
       def loss_fn(params):
-        logits, new_vars = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, x, train=True,
-            rngs={"dropout": key}, **layer_stats_lib.apply_kwargs(layer_stats))
-        return cross_entropy(logits, labels, smoothing).mean(), (logits, new_vars)
+        out = task.loss(model, {"params": params, "batch_stats": state.batch_stats}, batch,
+                        key, apply_kwargs)
+        return out.loss_sum / denominator, out
 
-      (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params)
-      accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+      (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      sums = out.sums
       if axis_name is not None:
-        grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
+        grads, loss, sums = lax.psum((grads, loss, sums), axis_name)
+      new_vars = out.new_variables
       new_state, grad_norm = apply_gradients(task.tx, state, grads, loss,
                                              new_vars.get("batch_stats", {}),
                                              stop_on_nonfinite, guard)
-      metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
+      metrics = dict(loss=loss, **task.step_metrics(sums, weight), grad_norm=grad_norm,
                      learning_rate=task.schedule(state.step))
       if layer_stats:
         metrics["layer_stats"] = layer_stats_lib.step_stats(
-            grads, state.params, new_state.params, new_vars.get("intermediates", {}),
-            axis_name=axis_name)
+            grads, state.params, new_state.params, new_vars.get(layer_stats_lib.TAPS, {}),
+            axis_name=axis_name,
+            weights_for=task.layer_stats_weights(batch) or layer_stats_lib.unweighted)
       return new_state, metrics
     return step_fn
 
-  mode = config.parallel.mode
-  parallel_step = parallelism.data_parallel(make_fn, mode, task.mesh, 2, 2)
-  if mode == "pmap":  # pmap cannot live inside jit: prepare the global batch first
+  parallel_step = parallelism.data_parallel(make_fn, config.parallel.mode, task.mesh, 2, 1)
+
+  def prepare(step, inputs):
+    return task.prepare(jax.random.fold_in(seed_key, step), inputs)
+
+  if config.parallel.mode == "pmap":  # pmap cannot live inside jit: prepare first
     prepare_jit = jax.jit(prepare)
+    return lambda state, inputs: parallel_step(state, *prepare_jit(state.step, inputs))
 
-    def train_step(state, images, labels, indices):
-      key, x, y = prepare_jit(state.step, images, labels, indices)
-      return parallel_step(state, key, x, y)
-    return train_step
-
-  def train_step(state, images, labels, indices):
-    key, x, y = prepare(state.step, images, labels, indices)
-    return parallel_step(state, key, x, y)
-  if config.model.get("scan_stages"):
-    # XLA:CPU leaves the convolution gradients inside the scanned stages' loops on its slow
-    # path; rewrite them to its fast layout there (see resnorm_jax/cpu_workarounds.py).
-    train_step = cpu_workarounds.for_platform(train_step, task.mesh.devices.flat[0].platform)
+  def train_step(state, inputs):
+    return parallel_step(state, *prepare(state.step, inputs))
+  train_step = cpu_workarounds.apply(train_step, config, platform, task.model)
   return jax.jit(train_step, donate_argnums=0)
-
-
-def make_eval_step(task: Task) -> Callable:
-  """``eval_step(state, images, labels, indices, weights) -> (loss_sum, correct, count)``."""
-  model, dataset = task.model, task.dataset
-
-  @jax.jit
-  def eval_step(state, images, labels, indices, weights):
-    x = data_lib.normalize(images[indices], dataset.mean, dataset.std)
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
-                         train=False)
-    y = labels[indices]
-    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-    return (jnp.sum(cross_entropy(logits, y) * weights), jnp.sum(correct * weights),
-            jnp.sum(weights))
-  return eval_step
-
-
-def evaluate(task: Task, eval_step, state, images, labels) -> dict[str, float]:
-  n, replicas = labels.shape[0], task.mesh.devices.size
-  bs = -(-min(task.config.eval.batch_size, n) // replicas) * replicas  # padding is masked
-  sharded = parallelism.batch_sharded(task.mesh)
-  totals = np.zeros(3)
-  for start in range(0, n, bs):
-    idx = np.arange(start, start + bs)
-    weights = (idx < n).astype(np.float32)
-    idx = np.where(idx < n, idx, 0).astype(np.int32)
-    out = eval_step(state, images, labels, parallelism.host_to_global(idx, sharded),
-                    parallelism.host_to_global(weights, sharded))
-    totals += np.array(parallelism.to_host(out), dtype=np.float64)
-  loss_sum, correct, count = totals
-  return {"loss": loss_sum / count, "accuracy": correct / count, "error": 1 - correct / count}
 
 
 # ----------------------------------------------------------------------------------------
@@ -339,68 +228,12 @@ def _is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-class ImageJob:
-  """The image-classification task of the loop: data on the devices, index batches."""
-
-  def __init__(self, config: ml_collections.ConfigDict, mesh):
-    self.config, self.mesh = config, mesh
-    self.dataset = data_lib.load_dataset(config)         # a data error writes nothing
-    data_lib.steps_per_epoch(len(self.dataset.train_labels), config.train.batch_size)
-    self.task = build_task(config, self.dataset, mesh)
-
-  def setup(self, workdir: str) -> None:
-    del workdir
-    replicated = parallelism.replicated(self.mesh)
-    # Every process loads the (small) uint8 data set and keeps it on its devices; each
-    # step's global batch is assembled from the per-process slices of its index array.
-    self.arrays = [parallelism.host_to_global(a, replicated) for a in (
-        self.dataset.train_images, self.dataset.train_labels, self.dataset.test_images,
-        self.dataset.test_labels)]
-    self.sharded = parallelism.batch_sharded(self.mesh)
-    self.train_step, self.eval_step = make_train_step(self.task), make_eval_step(self.task)
-    self.stats_step = make_train_step(self.task, layer_stats=True)  # compiled on first use
-
-  def abstract_state(self) -> TrainState:
-    return abstract_state(self.task)
-
-  def init_state(self) -> TrainState:
-    return init_state(self.task)
-
-  def step(self, state: TrainState, step: int, layer_stats: bool = False):
-    t = self.config.train
-    idx = data_lib.batch_indices(t.seed, step, len(self.dataset.train_labels), t.batch_size)
-    train_step = self.stats_step if layer_stats else self.train_step
-    return train_step(state, *self.arrays[:2], parallelism.host_to_global(idx, self.sharded))
-
-  def layer_call_order(self):
-    return layer_stats_lib.module_call_order(
-        self.task.model, jnp.zeros((1,) + self.dataset.image_shape), train=False)
-
-  def throughput(self, summary: dict, steps_per_sec: float) -> dict:
-    return {"examples_per_sec": steps_per_sec * self.config.train.batch_size}
-
-  def evaluate(self, state: TrainState, step: int) -> dict:
-    return evaluate(self.task, self.eval_step, state, *self.arrays[2:])
-
-  @staticmethod
-  def describe(ev: dict) -> str:
-    return f"eval accuracy {ev['accuracy']:.4f} loss {ev['loss']:.4f}"
-
-
-def make_job(config: ml_collections.ConfigDict, mesh):
-  """The task of ``config``: :class:`ImageJob`, or the translation task for Transformers."""
-  if config.model.name == "transformer":
-    from resnorm_jax.tasks.translation import task as translation_task
-    return translation_task.TranslationJob(config, mesh)
-  return ImageJob(config, mesh)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates ``config`` in ``workdir``; resumes from its newest checkpoint.
 
-  The loop (checkpointing, metrics, preemption, non-finite handling) is shared by every task;
-  a task (:class:`ImageJob`, ``translation_task.TranslationJob``) supplies the state,
-  the step at a given step number and the evaluation.
+  The engine (state, step, checkpointing, metrics, preemption, non-finite handling) is
+  shared by every task; the task (:mod:`resnorm_jax.tasks`, chosen by ``model.name``'s
+  family) supplies the data, the loss of a batch and the evaluation.
 
   Failure paths (each a one-line error, see ``resnorm_jax/errors.py`` for the exit codes):
   bad config, data or workdir raise :class:`ConfigError` before anything is written; a
@@ -417,10 +250,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir_lib.check_workdir(workdir, parent_must_exist=False)   # URL, file, read-only
     config_lib.validate(config, jax.device_count())
     mesh = parallelism.make_mesh(config.parallel.num_devices)
-    job = make_job(config, mesh)                          # a data error writes nothing
+    task = build_task(config, mesh)                       # a data error writes nothing
     try:
       _acquire(lock, workdir)
-      return _run(config, workdir, job, guard, t0)
+      return _run(config, workdir, task, guard, t0)
     except (ConfigError, NonFiniteLossError, WorkdirLockedError, StorageError):
       raise
     except Exception as e:  # pylint: disable=broad-except  (classified, else re-raised)
@@ -451,19 +284,13 @@ def _acquire(lock: workdir_lib.WorkdirLock, workdir: str) -> None:
     raise error
 
 
-def state_bytes(abstract) -> int:
-  """Bytes of a (abstract) train state: what one checkpoint of it stores."""
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-             for x in jax.tree_util.tree_leaves(abstract))
-
-
-def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
+def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
   """The loop of :func:`train_and_evaluate`, in a locked workdir."""
   config_dict = config.to_dict()
   previous_config = None
   checkpointing.check_config_compatible(workdir, config_dict)
   changes = checkpointing.resume_changes(workdir, config_dict)
-  abstract = job.abstract_state()
+  abstract = abstract_state(task)
   if _is_main_process():  # a save that cannot fit would fail after the first interval
     workdir_lib.check_free_space(
         workdir, workdir_lib.checkpoint_bytes_needed(state_bytes(abstract)))
@@ -471,7 +298,8 @@ def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
   if changes:   # keep the config the checkpoint was trained with
     previous_config = checkpointing.archive_config_json(workdir)
   checkpointing.save_config_json(workdir, config_dict)
-  job.setup(workdir)
+  task.setup(workdir)
+  steps = {False: make_train_step(task)}   # with layer statistics: compiled on first use
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps)
@@ -481,7 +309,7 @@ def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
     ckpt.close()
     raise
   if restored is None:
-    state = job.init_state()
+    state = init_state(task)
   else:
     state = restored[1]
     logging.info("resumed from the checkpoint of step %d in %s", restored[0], workdir)
@@ -491,7 +319,9 @@ def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
   # Records after the restored step are dropped: the continuing run writes them again.
   writer = MetricWriter(workdir, enabled=_is_main_process(), resume_step=start_step)
   stats_every = t.layer_stats_every_steps
-  call_order = job.layer_call_order() if stats_every and writer.enabled else []
+  call_order = (layer_stats_lib.module_call_order(task.model, *task.layer_stats_inputs(),
+                                                  train=False)
+                if stats_every and writer.enabled else [])
   progress = Progress(t.steps, start_step, enabled=_is_main_process())
   if changes:
     progress.write(
@@ -505,9 +335,9 @@ def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
 
   def run_eval(step):
     nonlocal last_eval
-    last_eval = job.evaluate(state, step)
+    last_eval = task.evaluate(state, step)
     writer.write(step, "eval", last_eval)
-    progress.write(f"step {step}: {job.describe(last_eval)}")
+    progress.write(f"step {step}: {task.describe(last_eval)}")
 
   def check_finite(step):
     bad = int(parallelism.to_host(state.nonfinite_step))
@@ -532,7 +362,9 @@ def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
       if stopped:
         break
       with_stats = stats_every > 0 and (step + 1) % stats_every == 0
-      state, metrics = job.step(state, step, layer_stats=with_stats)
+      if with_stats not in steps:
+        steps[with_stats] = make_train_step(task, layer_stats=True)
+      state, metrics = steps[with_stats](state, task.inputs(step))
       if with_stats:
         layer_stats_lib.write(writer, step + 1, metrics.pop("layer_stats"), call_order)
       history.append(metrics)
@@ -543,7 +375,7 @@ def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
         elapsed = time.perf_counter() - tick
         train_time += elapsed
         summary["steps_per_sec"] = len(history) / elapsed
-        rates = job.throughput(summary, summary["steps_per_sec"])
+        rates = task.throughput(summary, summary["steps_per_sec"])
         summary.update(rates)
         writer.write(step, "train", summary)
         progress.update(step, rates, loss=f"{summary['loss']:.3f}")

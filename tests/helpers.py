@@ -11,7 +11,7 @@ import tarfile
 import jax
 import numpy as np
 
-from resnorm_jax import config as config_lib, data as data_lib, parallelism, training
+from resnorm_jax import config as config_lib, parallelism, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,22 +47,15 @@ def run_steps_with_stats(config, steps=3, stats_at=(), initial=None):
   numbers in ``stats_at``, from the host state ``initial`` if given (initialising is the
   slowest part of a tiny run); returns (host state, {step: host metrics["layer_stats"]})."""
   config_lib.validate(config, jax.device_count())
-  dataset = data_lib.load_dataset(config)
-  mesh = parallelism.make_mesh(config.parallel.num_devices)
-  task = training.build_task(config, dataset, mesh)
+  task = training.build_task(config, parallelism.make_mesh(config.parallel.num_devices))
+  task.setup(workdir="")
   state = (training.init_state(task) if initial is None
-           else jax.device_put(initial, parallelism.replicated(mesh)))
+           else jax.device_put(initial, parallelism.replicated(task.mesh)))
   step_fns = {False: training.make_train_step(task),
               True: training.make_train_step(task, layer_stats=True)}
-  rep, shard = parallelism.replicated(mesh), parallelism.batch_sharded(mesh)
-  images = jax.device_put(dataset.train_images, rep)
-  labels = jax.device_put(dataset.train_labels, rep)
   stats = {}
   for step in range(steps):
-    idx = data_lib.batch_indices(config.train.seed, step, len(dataset.train_labels),
-                                 config.train.batch_size)
-    state, metrics = step_fns[step in stats_at](state, images, labels,
-                                                jax.device_put(idx, shard))
+    state, metrics = step_fns[step in stats_at](state, task.inputs(step))
     if step in stats_at:
       stats[step] = jax.device_get(metrics["layer_stats"])
   return jax.device_get(state), stats
@@ -76,10 +69,10 @@ def read_state(workdir):
       {k: (tuple(v) if isinstance(v, list) else v) for k, v in _flatten(
           json.load(open(os.path.join(workdir, "config.json")))).items()})
   from resnorm_jax import checkpointing
-  job = training.make_job(config, parallelism.make_mesh(1))
+  task = training.build_task(config, parallelism.make_mesh(1))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3,
                                     every_steps=0)
-  step, state = ckpt.restore(job.abstract_state())
+  step, state = ckpt.restore(training.abstract_state(task))
   ckpt.close()
   return step, jax.device_get(state)
 

@@ -42,14 +42,14 @@ def test_transformer_step_benchmark_runs_end_to_end(tmp_path, capsys, fast_compi
 
 
 def test_transformer_flops_match_the_summary():
-  """For S = T the benchmark's FLOPs are resnorm-summary's (models.summary_inputs)."""
-  from resnorm_jax import models
+  """For S = T the benchmark's FLOPs are resnorm-summary's (summary.summary_inputs)."""
+  from resnorm_jax import models, summary
   from resnorm_jax.summary import model_summary
   bench = load_script("transformer_step")
   args = bench.parse_args(["--preset", "tiny", "--vocab", "40", "--src_len", "12",
                            "--tgt_len", "12"])
   config = bench.make_config(args)
-  model, inputs, kwargs, extra = models.summary_inputs(config)
+  model, inputs, kwargs, extra = summary.summary_inputs(config)
   _, _, summary_flops = model_summary(model, inputs, init_kwargs=kwargs,
                                       apply_kwargs=kwargs, extra_flops=extra)
   assert bench.forward_flops(model, 12, 12) == summary_flops

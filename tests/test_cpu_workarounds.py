@@ -85,14 +85,21 @@ def test_rewritten_jaxpr_type_checks():
   assert cpu_workarounds._rewrite(rewritten) is rewritten     # nothing left to rewrite
 
 
-def test_scanned_resnet_train_step_same_with_and_without_rewrite(monkeypatch):
-  """The framework applies the rewrite to scanned CPU steps (jit and shard_map styles)."""
+def test_scanned_resnet_train_step_same_with_and_without_the_workarounds():
+  """The step builder applies the workarounds to scanned CPU steps (jit and shard_map
+  styles); ``train.cpu_workarounds=False`` switches them off and changes no number."""
+  from resnorm_jax import models
   from test_training import assert_states_close, run_steps, tiny_config
   settings = {"model.depth": 20, "model.scan_stages": True, "parallel.num_devices": 1}
   fixed = run_steps(tiny_config(**settings), steps=2)
   sharded = run_steps(tiny_config(**dict(settings, **{"parallel.num_devices": 4,
                                                       "parallel.mode": "shard_map"})), steps=2)
-  monkeypatch.setattr(cpu_workarounds, "canonicalize_convs", lambda fn: fn)
-  plain = run_steps(tiny_config(**settings), steps=2)
+  off = tiny_config(**dict(settings, **{"train.cpu_workarounds": False}))
+  model = models.build_model(off, models.norm_context(off), models.DataInfo(10, (32, 32, 3)))
+  step = lambda state: state
+  assert not model.materialize_stream_grad
+  assert cpu_workarounds.apply(step, off, "cpu", model) is step
+  assert cpu_workarounds.apply(step, tiny_config(**settings), "gpu", model) is step
+  plain = run_steps(off, steps=2)
   assert_states_close(fixed, plain)
   assert_states_close(sharded, plain)

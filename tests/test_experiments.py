@@ -57,8 +57,8 @@ def test_every_variant_validates_and_builds_its_model(name, variant):
   config = _module(name).get_config(variant)
   config_lib.validate(config, jax.device_count())
   depth, unit, shortcut, skip, lam, data = _expected_model(name, variant)
-  model = models.build_model(config, models.norm_context(config),
-                             100 if data == "cifar100" else 10)
+  model = models.build_model(config, models.norm_context(config), models.DataInfo(
+      100 if data == "cifar100" else 10, (32, 32, 3)))
   assert (model.depth, model.unit, model.shortcut, model.skip, model.skip_lambda) == (
       depth, unit, shortcut, skip, lam)
   assert resolve_block(model.depth, model.block)[0] == (
@@ -75,7 +75,8 @@ def test_every_variant_validates_and_builds_its_model(name, variant):
 
 def _param_count(config, classes=10):
   import jax.numpy as jnp
-  model = models.build_model(config, models.norm_context(config), classes)
+  model = models.build_model(config, models.norm_context(config),
+                             models.DataInfo(classes, (32, 32, 3)))
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                              train=False))
   return sum(x.size for x in jax.tree.leaves(shapes["params"]))

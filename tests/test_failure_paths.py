@@ -233,8 +233,7 @@ def test_disk_full_mid_run_is_one_line_exit_5_then_resume_is_exact(tmp_path, tmp
   # Room for what the start-up check asks (one checkpoint, uncompressed, and metadata) and a
   # little more, not for the three checkpoints that coexist while the third is written.
   config = tiny_config()
-  task = training.build_task(config, data_lib.load_dataset(config),
-                             jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
+  task = training.build_task(config, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
   needed = workdir_lib.checkpoint_bytes_needed(training.state_bytes(
       training.abstract_state(task)))
   filler = fill(fs, needed + 32 * 1024)

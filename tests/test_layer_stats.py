@@ -13,8 +13,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from resnorm_jax import (config as config_lib, data as data_lib, layer_stats, models,
-                         parallelism, training, translation, translation_training)
+from resnorm_jax import (config as config_lib, data as data_lib, layer_stats, models, optim,
+                         parallelism, training)
+from resnorm_jax.tasks.translation import corpora
 from resnorm_jax.analysis import plots, stats as stats_lib
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.metrics import read_metrics
@@ -78,7 +79,8 @@ def test_unit_moments_of_a_per_device_program_are_the_global_batch_moments():
 
 def test_layers_are_units_in_depth_order_with_norms_of_their_subtrees():
   config = tiny_config(**{"model.depth": 14, "model.scan_stages": True})
-  model = models.build_model(config, models.norm_context(config), 10)
+  model = models.build_model(config, models.norm_context(config),
+                             models.DataInfo(10, (32, 32, 3)))
   image = jnp.zeros((1, 32, 32, 3))
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image)["params"])
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
@@ -120,7 +122,8 @@ def hand_computed(config, state, step):
   """Layer statistics of ``step`` from ``state`` from scratch: jax.grad of the loss on the
   same (unaugmented) batch on one device, numpy moments of the unit outputs."""
   dataset = data_lib.load_dataset(config)
-  model = models.build_model(config, models.norm_context(config), dataset.num_classes)
+  model = models.build_model(config, models.norm_context(config),
+                             models.DataInfo(dataset.num_classes, dataset.image_shape))
   idx = data_lib.batch_indices(config.train.seed, step, len(dataset.train_labels),
                                config.train.batch_size)
   x = data_lib.normalize(dataset.train_images[idx], dataset.mean, dataset.std)
@@ -128,10 +131,10 @@ def hand_computed(config, state, step):
   def loss(params):
     logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
                                    train=True, **layer_stats.apply_kwargs(True))
-    return training.cross_entropy(logits, dataset.train_labels[idx]).mean(), new_vars
+    return optim.cross_entropy(logits, dataset.train_labels[idx]).mean(), new_vars
 
   grads, new_vars = jax.jit(jax.grad(loss, has_aux=True))(state.params)
-  outputs = {name: new_vars["intermediates"][name]["unit"]["__call__"][0]
+  outputs = {name: new_vars["taps"][name]["output"][0]
              for name in state.params if "_unit" in name}
   return grads, {name: numpy_moments(y) for name, y in outputs.items()}
 
@@ -139,8 +142,7 @@ def hand_computed(config, state, step):
 def test_execution_styles_give_the_hand_computed_stats_and_unchanged_training():
   config = lambda mode: tiny_config(**{"data.augment": "none", "parallel.num_devices": 8,
                                        "parallel.mode": mode})
-  dataset = data_lib.load_dataset(config("jit"))
-  task = training.build_task(config("jit"), dataset, parallelism.make_mesh(8))
+  task = training.build_task(config("jit"), parallelism.make_mesh(8))
   with fast_random:
     initial = jax.device_get(training.init_state(task))
   summaries, states = {}, {}
@@ -236,36 +238,35 @@ def test_transformer_unit_moments_count_real_tokens_only():
   config.data.name = "toy_translation"
   config.parallel.num_devices = 1
   config.train.update(optimizer="sgd", schedule="constant", learning_rate=0.1)
-  model_for = lambda axis_name: models.build_model(
-      config, models.norm_context(config, 1, axis_name), 0)
-  tx, schedule = training.make_optimizer(config.train, 1)
-  step = translation_training.make_translation_train_step(
-      config, parallelism.make_mesh(1), model_for, tx, schedule, layer_stats=True)
+  config.translation.toy_train_size = config.translation.toy_test_size = 8
+  task = training.build_task(config, parallelism.make_mesh(1))   # the task's loss and masks
+  step = training.make_train_step(task, layer_stats=True)
+  model_for, tx = task.model_for, task.tx
   rng = np.random.default_rng(0)
   lengths = np.array([[8, 3], [5, 8], [1, 6]])          # (source, target) real tokens per row
   src, tgt = (np.where(np.arange(8) < lengths[:, i, None], rng.integers(3, 16, (3, 8)),
-                       translation.PAD_ID).astype(np.int32) for i in range(2))
+                       corpora.PAD_ID).astype(np.int32) for i in range(2))
   model = model_for(None)
   with fast_random:
     params = jax.device_get(model.init(jax.random.key(0), src, tgt)["params"])  # not donated
   state = training.TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params),
                               jnp.full((), -1, jnp.int32), jnp.zeros((), jnp.int32))
-  _, metrics = step(state, src, tgt)
+  _, metrics = step(state, (src, tgt))
   summary = layer_stats.summarize(jax.device_get(metrics["layer_stats"]),
                                   layer_stats.module_call_order(model, src, tgt))
 
-  tgt_in = transformer.shift_right(tgt, translation.BOS_ID)
+  tgt_in = transformer.shift_right(tgt, corpora.BOS_ID)
   _, captured = jax.jit(lambda p: model.apply({"params": p}, src, tgt_in, train=True,
                                               **layer_stats.apply_kwargs(True)))(params)
-  masks = {"encoder": src != translation.PAD_ID,
-           "decoder": transformer.target_mask(tgt_in, translation.PAD_ID)}
+  masks = {"encoder": src != corpora.PAD_ID,
+           "decoder": transformer.target_mask(tgt_in, corpora.PAD_ID)}
   acts = summary["activations"]
   assert acts["names"][:3] == ["encoder/layer_0/self_attn_skip", "encoder/layer_0/ffn_skip",
                                "encoder/layer_1/self_attn_skip"]
   assert "decoder/layer_1/cross_attn_skip" in acts["names"]
   for i, name in enumerate(acts["names"]):
     path = tuple(name.split("/"))
-    y = np.asarray(captured["intermediates"][path[0]][path[1]][path[2]]["__call__"][0])
+    y = np.asarray(captured["taps"][path[0]][path[1]][path[2]]["output"][0])
     want = numpy_moments(y[np.asarray(masks[path[0]])])
     for key in layer_stats.MOMENTS:
       np.testing.assert_allclose(acts[key][i], want[key], rtol=1e-4, err_msg=f"{key} {name}")

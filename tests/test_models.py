@@ -130,7 +130,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
 def test_summary_flops_and_params_are_analytic():
   config = config_lib.base_config()
   config.model.depth = 20
-  model, inputs, kwargs, extra = models.summary_inputs(config)
+  model, inputs, kwargs, extra = summary.summary_inputs(config)
   assert extra == 0
   rows, params, flops = summary.model_summary(model, inputs, init_kwargs=kwargs,
                                               apply_kwargs=kwargs)
@@ -165,7 +165,7 @@ def test_transformer_is_one_config_value_away_and_summarized():
   config_lib.validate_model(config)
   text = summary.summarize_config(config)
   assert "transformer preset=tiny" in text and "encoder" in text and "decoder" in text
-  model, inputs, kwargs, extra = models.summary_inputs(config)
+  model, inputs, kwargs, extra = summary.summary_inputs(config)
   _, params, flops = summary.model_summary(model, inputs, init_kwargs=kwargs,
                                            apply_kwargs=kwargs, extra_flops=extra)
   # Dense layers: every weight matrix is used once per token, except the tied embedding
@@ -184,5 +184,5 @@ def test_transformer_config_errors(model, message):
 
 
 def test_training_a_transformer_without_translation_data_is_a_clear_error():
-  with pytest.raises(ConfigError, match="needs a translation data set"):
+  with pytest.raises(ConfigError, match="trains on translation data"):
     config_lib.validate(transformer_config(), 1)

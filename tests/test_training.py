@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnorm_jax import config as config_lib, training
+from resnorm_jax import config as config_lib, optim, training
 from resnorm_jax.errors import ConfigError
 
 from helpers import CLI_TINY, REPO, read_state, run_steps, tiny_config, train_cli as cli
@@ -49,15 +49,15 @@ def test_learning_rate_schedules():
   c = config_lib.base_config().train
   c.steps, c.boundaries, c.warmup_steps, c.warmup_learning_rate = 64_000, (32_000, 48_000), \
       400, 0.01
-  lr = training.learning_rate_schedule(c, c.steps)
+  lr = optim.learning_rate_schedule(c, c.steps)
   got = [float(lr(jnp.int32(s))) for s in (0, 399, 400, 31_999, 32_000, 48_000, 63_999)]
   np.testing.assert_allclose(got, [0.01, 0.01, 0.1, 0.1, 0.01, 0.001, 0.001], rtol=1e-6)
   c.schedule, c.warmup_learning_rate, c.warmup_steps, c.steps = "cosine", 0.0, 10, 110
-  lr = training.learning_rate_schedule(c, c.steps)
+  lr = optim.learning_rate_schedule(c, c.steps)
   np.testing.assert_allclose([float(lr(jnp.int32(s))) for s in (0, 9, 10, 60, 110)],
                              [0.01, 0.1, 0.1, 0.05, 0.0], atol=1e-6)
   c.schedule, c.warmup_steps = "rsqrt", 4
-  lr = training.learning_rate_schedule(c, c.steps)
+  lr = optim.learning_rate_schedule(c, c.steps)
   np.testing.assert_allclose([float(lr(jnp.int32(s))) for s in (3, 4, 16)],
                              [0.1, 0.1, 0.05], rtol=1e-6)
 
@@ -65,7 +65,7 @@ def test_learning_rate_schedules():
 def test_weight_decay_skips_norm_parameters_and_biases():
   params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "norm": {"scale": jnp.ones(2),
             "bias": jnp.ones(2)}, "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
-  assert training.decay_mask(params) == {"conv": {"kernel": True}, "norm": {
+  assert optim.decay_mask(params) == {"conv": {"kernel": True}, "norm": {
       "scale": False, "bias": False}, "dense": {"kernel": True, "bias": False}}
 
 
@@ -120,6 +120,44 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
   training.train_and_evaluate(tiny_config(), str(tmp_path))
   with pytest.raises(ConfigError, match="model.depth"):
     training.train_and_evaluate(tiny_config(**{"model.depth": 14}), str(tmp_path))
+
+
+def test_resume_after_changing_only_neutral_model_keys_continues_the_same_run(tmp_path):
+  """model.remat and model.summary_length change no number of the run (resume class
+  neutral): the resumed run is the uninterrupted one, and only train.steps is reported."""
+  run = str(tmp_path / "run")
+  training.train_and_evaluate(tiny_config(**{"train.steps": 3}), run)
+  resumed = training.train_and_evaluate(
+      tiny_config(**{"model.remat": True, "model.summary_length": 16}), run)
+  assert resumed["start_step"] == 3 and resumed["step"] == 6
+  assert resumed["resume_changes"] == ["train.steps: checkpoint has 3, this run has 6"]
+  reference = training.train_and_evaluate(tiny_config(), str(tmp_path / "reference"))
+  assert_states_close(jax.device_get(resumed["state"]), jax.device_get(reference["state"]))
+
+
+def test_resume_with_another_compute_dtype_is_reported_and_a_new_width_refused(tmp_path):
+  run = str(tmp_path / "run")
+  training.train_and_evaluate(tiny_config(**{"train.steps": 3}), run)
+  resumed = training.train_and_evaluate(tiny_config(**{"model.dtype": "bfloat16"}), run)
+  assert resumed["start_step"] == 3 and resumed["step"] == 6
+  assert resumed["resume_changes"] == [
+      "model.dtype: checkpoint has 'float32', this run has 'bfloat16'"]
+  with pytest.raises(ConfigError, match=r"model\.width: checkpoint has 4, this run has 8"):
+    training.train_and_evaluate(tiny_config(**{"model.width": 8, "train.steps": 9}), run)
+
+
+def test_every_config_key_has_a_resume_class_and_a_default():
+  config = config_lib.base_config()
+  for section, keys in config_lib.SCHEMA.items():
+    assert set(keys) == set(config[section].keys())
+    for name, key in keys.items():
+      assert key.resume in config_lib.RESUME_CLASSES, f"{section}.{name}"
+  assert config_lib.resume_class("model.remat") == config_lib.NEUTRAL
+  assert config_lib.resume_class("model.depth") == config_lib.TREE
+  assert config_lib.resume_class("model.depth", model_keys=("preset",)) == config_lib.NEUTRAL
+  assert config_lib.resume_class("train.learning_rate") == config_lib.TRAJECTORY
+  config.model.dropout_rate = 0.0      # optional keys are independent placeholders
+  assert config.model.skip_lambda is None
 
 
 def test_resume_with_changed_training_settings_says_so_and_keeps_the_old_config(tmp_path,

@@ -11,7 +11,6 @@ import pytest
 from resnorm_jax import config as config_lib, parallelism, training
 from resnorm_jax.tasks.translation import corpora
 from resnorm_jax.errors import ConfigError
-from resnorm_jax.tasks.translation.task import TranslationJob
 
 
 def write_iwslt(directory, train=400, test=16, skew=0):
@@ -103,11 +102,11 @@ def test_missing_and_mismatched_files_are_clear_errors(tmp_path):
 
 
 def test_model_and_data_set_must_match():
-  with pytest.raises(ConfigError, match="needs a translation data set.*toy_translation"):
+  with pytest.raises(ConfigError, match="trains on translation data.*toy_translation"):
     config_lib.validate(tiny_config(**{"data.name": "digits"}), 1)
   c = config_lib.base_config()
   c.data.name = "toy_translation"
-  with pytest.raises(ConfigError, match="needs an image data set"):
+  with pytest.raises(ConfigError, match="trains on image_classification data"):
     config_lib.validate(c, 1)
   with pytest.raises(ConfigError, match="translation.max_tokens=100 must be >= 8 replicas"):
     config_lib.validate(tiny_config(**{"translation.max_tokens": 100,
@@ -173,11 +172,11 @@ def run_translation_steps(tmp_path, mode, skip, steps=2):
                           "model.skip": skip, "train.optimizer": "sgd",
                           "train.schedule": "constant", "train.learning_rate": 0.5})
   config_lib.validate(config, jax.device_count())
-  job = TranslationJob(config, parallelism.make_mesh(8))
-  job.setup(str(tmp_path))
-  state = job.init_state()
+  task = training.build_task(config, parallelism.make_mesh(8))
+  task.setup(str(tmp_path))
+  state, train_step = training.init_state(task), training.make_train_step(task)
   for step in range(steps):
-    state, metrics = job.step(state, step)
+    state, metrics = train_step(state, task.inputs(step))
   return jax.device_get(state), float(jax.device_get(metrics["loss"]))
 
 

@@ -405,41 +405,54 @@ class Identity(nn.Module):
 # Registry.
 # ----------------------------------------------------------------------------------------
 _DEFAULT_CTX = NormContext()
+DEFAULT_GROUPS = 32   # GroupNorm's G when `group` has no argument (Wu & He 2018)
 
 
+# Entry metadata: ``batch_stats`` -- keeps running statistics (the ``batch_stats``
+# collection); ``sequences`` -- has a meaning on token sequences (B, T, D), not only on
+# images (``instance`` and ``switchable`` need spatial axes of their own).
 @NORMS.register("batch", "BatchNorm over (N,H,W) / real (B,T) tokens per channel; "
-                "replicas share statistics per `parallel.bn_sync` (global, local, group:k)")
+                "replicas share statistics per `parallel.bn_sync` (global, local, group:k)",
+                batch_stats=True, sequences=True)
 def _batch(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return BatchNorm(ctx=ctx, scale_init=scale_init, name=name)
 
 
 def _register_per_sample(kind: str, doc: str):
   """``layer`` and ``rms``: all of H,W,C per image (or D per token); ``:c`` channels only."""
-  @NORMS.register(kind, doc, arg_doc="`c` = over channels only, per pixel")
-  def build(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
+  def per_position(arg):
     if arg not in (None, "c"):
-      raise ConfigError(f"norm '{kind}:{arg}': valid arguments: none (all of H,W,C) or 'c'")
-    return SampleNorm(kind, per_position=arg == "c", epsilon=ctx.epsilon,
+      raise ConfigError(f"valid arguments: none (all of H,W,C) or 'c', got {arg!r}")
+    return arg == "c"
+
+  @NORMS.register(kind, doc, arg_doc="`c` = over channels only, per pixel",
+                  parse=per_position, batch_stats=False, sequences=True)
+  def build(per_position, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
+    return SampleNorm(kind, per_position=per_position, epsilon=ctx.epsilon,
                       scale_init=scale_init, name=name)
 
 
 _register_per_sample("layer", "LayerNorm per sample over (H,W,C) of an image / D of a token")
 
 
-@NORMS.register("instance", "InstanceNorm per sample and channel over (H,W) / real tokens T")
+@NORMS.register("instance", "InstanceNorm per sample and channel over (H,W) / real tokens T",
+                batch_stats=False, sequences=False)
 def _instance(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return SampleNorm("instance", epsilon=ctx.epsilon, scale_init=scale_init, name=name)
 
 
 @NORMS.register("group", "GroupNorm per sample over (H,W) and C/G channels of each group",
-                arg_doc="G, the number of groups (default 32), must divide the channels")
-def _group(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
-  g = 32 if arg is None else parse_number(arg, f"norm 'group:{arg}': G", kind=int, minimum=1)
-  return SampleNorm("group", groups=g, epsilon=ctx.epsilon, scale_init=scale_init, name=name)
+                arg_doc="G, the number of groups (default 32), must divide the channels",
+                parse=lambda arg: DEFAULT_GROUPS if arg is None else parse_number(
+                    arg, "G", kind=int, minimum=1),
+                batch_stats=False, sequences=True)
+def _group(groups, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
+  return SampleNorm("group", groups=groups, epsilon=ctx.epsilon, scale_init=scale_init,
+                    name=name)
 
 
 @NORMS.register("switchable", "Switchable Norm: learned softmax mix of IN, LN and BN "
-                "statistics (BN part synced like `batch`)")
+                "statistics (BN part synced like `batch`)", batch_stats=True, sequences=False)
 def _switchable(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return SwitchableNorm(ctx=ctx, scale_init=scale_init, name=name)
 
@@ -448,17 +461,18 @@ _register_per_sample("rms", "RMSNorm: x / sqrt(mean(x²) + ε) per sample, scale
                      "centring")
 
 
-@NORMS.register("none", "identity: no normalization")
+@NORMS.register("none", "identity: no normalization", batch_stats=False, sequences=True)
 def _none(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return Identity(name=name)
 
 
-def make_norm(spec: str, ctx: NormContext = _DEFAULT_CTX, *,
+def make_norm(spec, ctx: NormContext = _DEFAULT_CTX, *,
               scale_init: Callable = nn.initializers.ones, name: str | None = None) -> nn.Module:
-  """Builds the norm named by ``spec`` (e.g. ``"batch"``, ``"group:32"``)."""
+  """Builds the norm named by ``spec`` (e.g. ``"batch"``, ``"group:32"``, or a
+  :class:`resnorm_jax.registry.Spec` parsed once by the model)."""
   return NORMS.build(spec, ctx=ctx, scale_init=scale_init, name=name)
 
 
 def uses_batch_stats(spec: str) -> bool:
   """Whether the norm keeps running statistics (the ``batch_stats`` collection)."""
-  return NORMS.entry(spec)[0].name in ("batch", "switchable")
+  return NORMS.parse(spec).meta["batch_stats"]

@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnorm_jax import cpu_workarounds
 from resnorm_jax.layers.conv import Conv, he_normal
 from resnorm_jax.layers.norms import NormContext, make_norm
+from resnorm_jax.layers.taps import tap
 from resnorm_jax.registry import ConfigError, Registry, parse_number
 
 SHORTCUTS = Registry("shortcut")
@@ -180,6 +182,7 @@ class SkipCombinator(nn.Module):
   branch_gain_init: float | None = None
   init_scale: float = 1.0
   ctx: NormContext = _DEFAULT_CTX
+  tap_output: bool = False   # the combinator is a residual unit of its model (layers/taps.py)
 
   @nn.compact
   def __call__(self, x, branch: Callable, *, train: bool = False, mask=None,
@@ -198,7 +201,7 @@ class SkipCombinator(nn.Module):
       if k > 0:
         z = s + z
       z = make_norm(self.post_norm, self.ctx, name=f"post_norm_{k}")(z, train=train, mask=mask)
-    return z
+    return tap(self, z) if self.tap_output else z
 
 
 def _resolve_lambda(name: str, arg: str | None, lam, *, default, integer=False, minimum=0.0):
@@ -352,38 +355,6 @@ for _ordering, _doc in _ORDERINGS:
 # ----------------------------------------------------------------------------------------
 # Residual-stream gradient materialization (a CPU compile-time fix; identity in value).
 # ----------------------------------------------------------------------------------------
-def _materialized_on_cpu(x, t):
-  """``t`` returned through a conditional: XLA must compute a conditional's operand into one
-  buffer, so every consumer reads it instead of fusing (and re-running) its producers.
-  Both branches are the identity (written differently, or JAX would inline the cond); the
-  predicate, from the primal ``x``, is always true but opaque to the compiler."""
-  first = x.reshape(-1)[:1]
-  opaque_true = jnp.all(first == first) | jnp.all(first != first)
-  return lax.cond(opaque_true, lambda a: a, lambda a: a * jnp.ones((), a.dtype), t)
-
-
-@jax.custom_jvp
-def materialize_grad(x):
-  """Identity whose derivative (and so the gradient) is computed once into a buffer on CPU.
-
-  In a residual stack the gradient of the stream is a running sum over every later unit,
-  ``dL/dx_l = dL/dx_{l+1} + J_l^T(...)``.  XLA's CPU fusion treats those additions as cheap
-  and duplicates them into every consumer fusion, so each unit re-reads the activations of
-  all later units it can fit into one fusion: on a PreAct-ResNet-110 step that is 3,244
-  copies of 111 additions and 29 GB of memory traffic.  Materializing the stream gradient
-  once per unit brings it to 539 copies and 21 GB (benchmarks/RESULTS.md).  The rule is
-  linear in the tangent, so reverse mode transposes it into the same conditional on the
-  cotangent; other backends keep the plain identity.
-  """
-  return x
-
-
-@materialize_grad.defjvp
-def _materialize_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  return x, lax.platform_dependent(x, t, cpu=_materialized_on_cpu, default=lambda x, t: t)
-
-
 def apply_op(op: str, module, x, *, train: bool):
   if op == "relu":
     return nn.relu(x)
@@ -406,7 +377,7 @@ class ConvUnit(nn.Module):
   strides: int = 1
   bottleneck: bool = False
   ordering: str = "full_preact"
-  norm: str = "batch"
+  norm: Any = "batch"     # a NORMS spec, or its parsed Spec (registry.Spec)
   shortcut: str = "identity"
   skip: str = "skip"
   skip_lambda: float | None = None
@@ -414,6 +385,8 @@ class ConvUnit(nn.Module):
   depth: DepthInfo | None = None
   weight_standardization: bool = False
   dtype: Any = jnp.float32
+  # The output's gradient computed once into a buffer on CPU (cpu_workarounds.materialize_grad).
+  materialize_stream_grad: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -472,4 +445,4 @@ class ConvUnit(nn.Module):
                                                   train=train))
     for op, module in zip(order.after_add, after):
       y = apply_op(op, module, y, train=train)
-    return materialize_grad(y)
+    return cpu_workarounds.materialize_grad(y) if self.materialize_stream_grad else y

@@ -16,10 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnorm_jax.layers import (UNIT_ORDERINGS, Conv, ConvUnit, DepthInfo, NormContext,
-                                make_norm)
+from resnorm_jax.layers import (NORMS, UNIT_ORDERINGS, Conv, ConvUnit, DepthInfo,
+                                NormContext, make_norm)
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.layers.residual import apply_op
+from resnorm_jax.layers.taps import TAPS, tap
 
 BLOCKS = ("auto", "basic", "bottleneck")
 BASIC_DEPTHS = (20, 32, 44, 56, 110, 1202)
@@ -56,7 +57,7 @@ class _StageUnit(nn.Module):
   @nn.compact
   def __call__(self, x, _=None):
     y = ConvUnit(**self.unit_kwargs, name="unit")(x, train=self.train)
-    return y, None
+    return tap(self, y), None        # the unit is named stage<s>_unit<i> (stage<s>_units)
 
 
 class CifarResNet(nn.Module):
@@ -84,6 +85,7 @@ class CifarResNet(nn.Module):
   dtype: Any = jnp.float32
   scan_stages: bool = False
   remat: bool = False
+  materialize_stream_grad: bool = True   # train.cpu_workarounds (resnorm_jax/cpu_workarounds.py)
 
   @property
   def units_per_stage(self) -> int:
@@ -94,16 +96,18 @@ class CifarResNet(nn.Module):
     block, n = resolve_block(self.depth, self.block)
     bottleneck = block == "bottleneck"
     order = UNIT_ORDERINGS.build(self.unit)
+    norm = NORMS.parse(self.norm)   # parsed once; units build their norms from it
     x = Conv(self.width, 3, weight_standardization=self.weight_standardization,
              dtype=self.dtype, name="stem_conv")(images.astype(self.dtype))
     for i, op in enumerate(order.stem):
-      x = apply_op(op, make_norm(self.norm, self.norm_ctx, name=f"stem_norm_{i}")
+      x = apply_op(op, make_norm(norm, self.norm_ctx, name=f"stem_norm_{i}")
                    if op == "norm" else None, x, train=train)
 
-    common = dict(bottleneck=bottleneck, ordering=self.unit, norm=self.norm,
+    common = dict(bottleneck=bottleneck, ordering=self.unit, norm=norm,
                   shortcut=self.shortcut, skip=self.skip, skip_lambda=self.skip_lambda,
                   ctx=self.norm_ctx, depth=DepthInfo("encoder_only", 3 * n),
-                  weight_standardization=self.weight_standardization, dtype=self.dtype)
+                  weight_standardization=self.weight_standardization, dtype=self.dtype,
+                  materialize_stream_grad=self.materialize_stream_grad)
     unit_cls = nn.remat(_StageUnit) if self.remat else _StageUnit
     scan_cls = unit_cls if self.remat else nn.remat(
         _StageUnit, policy=jax.checkpoint_policies.checkpoint_dots)
@@ -115,9 +119,8 @@ class CifarResNet(nn.Module):
       if n == 1:
         continue
       if self.scan_stages:
-        # "intermediates": captured unit outputs (layer statistics) stack like the params.
-        scanned = nn.scan(scan_cls, variable_axes={"params": 0, "batch_stats": 0,
-                                                   "intermediates": 0},
+        # Tapped unit outputs (layer statistics) stack like the params.
+        scanned = nn.scan(scan_cls, variable_axes={"params": 0, "batch_stats": 0, TAPS: 0},
                           split_rngs={"params": True, "dropout": True}, length=n - 1)
         x, _ = scanned(rest, train, name=f"stage{stage + 1}_units")(x, None)
       else:
@@ -125,7 +128,69 @@ class CifarResNet(nn.Module):
           x, _ = unit_cls(rest, train, name=f"stage{stage + 1}_unit{i + 1}")(x)
 
     for i, op in enumerate(order.head):
-      x = apply_op(op, make_norm(self.norm, self.norm_ctx, name=f"head_norm_{i}")
+      x = apply_op(op, make_norm(norm, self.norm_ctx, name=f"head_norm_{i}")
                    if op == "norm" else None, x, train=train)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier")(x)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration.
+# ----------------------------------------------------------------------------------------
+def stage_channels(width: int, block: str) -> list[int]:
+  """Every channel count a norm sees in a CIFAR ResNet of this width and block."""
+  return sorted({width * 2 ** s * f for s in range(3)
+                 for f in ((1, 4) if block == "bottleneck" else (1,))})
+
+
+def validate_config(config) -> None:
+  """Depth, width and a GroupNorm G that divides every stage's channels."""
+  from resnorm_jax.layers import SHORTCUTS
+  m = config.model
+  for registry, key in ((UNIT_ORDERINGS, "unit"), (SHORTCUTS, "shortcut")):
+    try:
+      registry.parse(m[key])
+    except ConfigError as e:
+      raise ConfigError(f"model.{key}: {e}") from None
+  block, _ = resolve_block(m.depth, m.block)
+  if not isinstance(m.width, int) or m.width < 1:
+    raise ConfigError(f"model.width={m.width} must be a positive integer")
+  norm = NORMS.parse(m.norm)
+  if norm.name == "group":
+    channels = stage_channels(m.width, block)
+    bad = [c for c in channels if c % norm.arg]
+    if bad:
+      valid = [g for g in range(1, channels[0] + 1) if all(c % g == 0 for c in channels)]
+      raise ConfigError(
+          f"model.norm={m.norm!r}: G={norm.arg} does not divide the {bad} channels of this "
+          f"network (channels {channels}); valid G: {valid}")
+
+
+def _image_inputs(config, data) -> tuple:
+  del config
+  return (jnp.zeros((1,) + tuple(data.input_shape), jnp.float32),)
+
+
+def _register():
+  from resnorm_jax import cpu_workarounds
+  from resnorm_jax.models import compute_dtype, register_model
+
+  @register_model("cifar_resnet", "CIFAR ResNet, depth 6n+2 (basic) or 9n+2 (bottleneck)",
+                  task="image_classification", example_inputs=_image_inputs,
+                  validate=validate_config,
+                  config_keys=("depth", "block", "width", "norm", "unit", "shortcut", "skip",
+                               "skip_lambda", "weight_standardization", "bn_momentum",
+                               "bn_epsilon", "dtype", "scan_stages", "remat"),
+                  title_keys=("depth", "unit", "shortcut", "norm", "skip", "skip_lambda"))
+  def build(arg, config, norm_ctx, data):
+    del arg
+    m = config.model
+    return CifarResNet(depth=m.depth, num_classes=data.num_classes, block=m.block,
+                       width=m.width, norm=m.norm, unit=m.unit, shortcut=m.shortcut,
+                       skip=m.skip, skip_lambda=m.skip_lambda,
+                       weight_standardization=m.weight_standardization, norm_ctx=norm_ctx,
+                       dtype=compute_dtype(config), scan_stages=m.scan_stages, remat=m.remat,
+                       materialize_stream_grad=cpu_workarounds.enabled(config))
+
+
+_register()

@@ -1,16 +1,14 @@
-"""The translation task of the training loop: Transformer train step, beam-search BLEU.
+"""The translation task: label-smoothed cross entropy per real target token, BLEU.
 
-Train step (Vaswani et al. 2017): decoder input shift_right(y) = [BOS, y_1 .. y_{T−1}],
-loss = label-smoothed cross entropy summed over the real (non-pad) target tokens of the
-global batch and divided by their number N:
+Loss (Vaswani et al. 2017): decoder input shift_right(y) = [BOS, y_1 .. y_{T−1}],
+label-smoothed cross entropy summed over the real (non-pad) target tokens of the global
+batch and divided by their number N:
 
     L = Σ_{b,t: y_bt ≠ pad} ℓ_ε(logits_bt, y_bt) / N.
 
-N does not depend on the parameters: it is counted (and ``psum``-ed over replicas) first,
-each replica differentiates the sum over its slice divided by N, and ``psum`` of (∇, loss)
-then gives exactly the global-batch gradient, with no division pass over the gradients; so
-the three execution styles (``jit``, ``shard_map``, ``pmap``;
-:func:`resnorm_jax.parallelism.data_parallel`) agree.  BatchNorm
+The task supplies the sum (:meth:`Translation.loss`) and N (:meth:`Translation.weight`);
+the engine's one train step (:func:`resnorm_jax.training.make_train_step`) counts N over
+all replicas before differentiating, so the three execution styles agree.  BatchNorm
 variants (``xskip_bn``, ``rskip_bn``, ``model.norm=batch``) see the token mask through the
 model (statistics over real tokens; an all-padding row still contributes its BOS position).
 
@@ -28,75 +26,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax import lax
 
-from resnorm_jax import layer_stats as layer_stats_lib, models, parallelism
-from resnorm_jax.tasks.translation import decoding
-from resnorm_jax.tasks.translation import corpora
+from resnorm_jax import models, parallelism
 from resnorm_jax.models.transformer import (label_smoothed_cross_entropy, padding_mask,
                                             shift_right, target_mask)
-from resnorm_jax.training import TrainState, apply_gradients, make_optimizer, resolve_guard
-
-
-def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_stats=False):
-  """``train_step(state, src, tgt) -> (state, metrics)``; src/tgt (R, L) int32 global arrays
-  (batch-sharded).  Dropout keys are a function of (seed, step[, replica]).  With
-  ``layer_stats`` the same update also returns ``metrics["layer_stats"]``, activation
-  moments over the real tokens of each side (:mod:`resnorm_jax.layer_stats`)."""
-  seed_key = jax.random.key(config.train.seed)
-  smoothing = float(config.train.label_smoothing)
-  stop_on_nonfinite = config.train.on_nonfinite == "stop"
-  guard = resolve_guard(config.train.nonfinite_guard, mesh.devices.flat[0].platform)
-
-  def make_fn(axis_name):
-    model = model_for(axis_name)
-
-    def step_fn(state: TrainState, key, src, tgt):
-      if axis_name is not None:
-        key = jax.random.fold_in(key, lax.axis_index(axis_name))
-
-      tgt_in = shift_right(tgt, corpora.BOS_ID)
-      # N = the global batch's real target tokens; it does not depend on the parameters, so
-      # the loss is divided before differentiating and the gradients come out of the
-      # backward pass already normalized (no extra pass over a parameter-sized tree).
-      count = jnp.sum(tgt != corpora.PAD_ID).astype(jnp.float32)
-      if axis_name is not None:
-        count = lax.psum(count, axis_name)
-      denominator = jnp.maximum(count, 1.0)
-
-      def loss_fn(params):
-        logits, new_vars = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, src, tgt_in, train=True,
-            rngs={"dropout": key}, **layer_stats_lib.apply_kwargs(layer_stats))
-        loss_sum, _ = label_smoothed_cross_entropy(logits, tgt, corpora.PAD_ID,
-                                                   smoothing)
-        return loss_sum / denominator, new_vars
-
-      (loss, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      if axis_name is not None:
-        grads, loss = lax.psum((grads, loss), axis_name)
-      new_state, grad_norm = apply_gradients(tx, state, grads, loss,
-                                             new_vars.get("batch_stats", {}),
-                                             stop_on_nonfinite, guard)
-      metrics = dict(loss=loss, tokens=count, grad_norm=grad_norm,
-                     learning_rate=schedule(state.step))
-      if layer_stats:
-        masks = {"encoder": padding_mask(src, corpora.PAD_ID),
-                 "decoder": target_mask(tgt_in, corpora.PAD_ID)}
-        metrics["layer_stats"] = layer_stats_lib.step_stats(
-            grads, state.params, new_state.params, new_vars.get("intermediates", {}),
-            axis_name=axis_name, weights_for=lambda path: masks.get(path[0]))
-      return new_state, metrics
-    return step_fn
-
-  mode = config.parallel.mode
-  parallel_step = parallelism.data_parallel(make_fn, mode, mesh, 2, 2)
-  step_key = lambda step: jax.random.fold_in(seed_key, step)
-  if mode == "pmap":  # pmap cannot live inside jit
-    key_jit = jax.jit(step_key)
-    return lambda state, src, tgt: parallel_step(state, key_jit(state.step), src, tgt)
-  return jax.jit(lambda state, src, tgt: parallel_step(state, step_key(state.step), src, tgt),
-                 donate_argnums=0)
+from resnorm_jax.tasks import TASKS
+from resnorm_jax.tasks.base import LossOutput, Task
+from resnorm_jax.tasks.translation import corpora, decoding
 
 
 def _gather(array) -> np.ndarray:
@@ -113,20 +49,28 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
   return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
 
 
-class TranslationJob:
+@TASKS.register("translation", "source to target sentences: label-smoothed cross entropy "
+                "per real target token, beam-search BLEU",
+                data_sets=lambda: corpora.TRANSLATION_DATASETS,
+                headline=("bleu", "test BLEU", True))
+class Translation(Task):
   """The translation task of :func:`resnorm_jax.training.train_and_evaluate`."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh):
-    self.config, self.mesh = config, mesh
-    self.corpus = corpora.load_corpus(config)       # a data error writes nothing
-    n = mesh.devices.size
-    self.model_for = lambda axis_name: models.build_model(
-        config, models.norm_context(config, n, axis_name), 0)
-    self.tx, self.schedule = make_optimizer(config.train, config.train.steps)
+  data = models.DataInfo()
 
-  @property
-  def model(self):
-    return self.model_for(None)
+  def __init__(self, config: ml_collections.ConfigDict, mesh):
+    super().__init__(config, mesh)
+    self.corpus = corpora.load_corpus(config)       # a data error writes nothing
+
+  @classmethod
+  def validate(cls, config, replicas: int) -> None:
+    from resnorm_jax import config as config_lib
+    config_lib.validate_translation(config, replicas)
+
+  @classmethod
+  def static_data(cls, config) -> models.DataInfo:
+    del config
+    return models.DataInfo()
 
   def setup(self, workdir: str) -> None:
     """SentencePiece model (trained once, in ``workdir``), encoded batches, steps."""
@@ -151,52 +95,44 @@ class TranslationJob:
         corpora.encode(self.sp, sources), config.eval.batch_size, replicas,
         config.model.max_len)
     self.sharded = parallelism.batch_sharded(self.mesh)
-    self.train_step, self.stats_step = (
-        make_translation_train_step(config, self.mesh, self.model_for, self.tx, self.schedule,
-                                    layer_stats=layer_stats) for layer_stats in (False, True))
 
-  @staticmethod
-  def _example_tokens():
-    return jnp.ones((1, 8), jnp.int32)
-
-  def _init(self, key):
-    tokens = self._example_tokens()
-    variables = self.model.init({"params": key, "dropout": key}, tokens, tokens, train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=self.tx.init(params),
-                      nonfinite_step=jnp.full((), -1, jnp.int32),
-                      skipped_steps=jnp.zeros((), jnp.int32))
-
-  def init_state(self) -> TrainState:
-    key = jax.random.key(self.config.train.seed)
-    return jax.jit(self._init, out_shardings=parallelism.replicated(self.mesh))(key)
-
-  def abstract_state(self) -> TrainState:
-    sharding = parallelism.replicated(self.mesh)
-    shapes = jax.eval_shape(self._init, jax.random.key(0))
-    return jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-
-  def global_batch(self, step: int):
+  # -- train ---------------------------------------------------------------------------------
+  def inputs(self, step: int):
     src, tgt = self.batches.batch(step)
     return (parallelism.host_to_global(src, self.sharded),
             parallelism.host_to_global(tgt, self.sharded))
 
-  def step(self, state: TrainState, step: int, layer_stats: bool = False):
-    train_step = self.stats_step if layer_stats else self.train_step
-    return train_step(state, *self.global_batch(step))
+  def weight(self, batch):
+    """N: the real target tokens (the loss is a mean over them)."""
+    return jnp.sum(batch[1] != corpora.PAD_ID).astype(jnp.float32)
 
-  def layer_call_order(self):
-    tokens = self._example_tokens()
-    return layer_stats_lib.module_call_order(self.model, tokens, tokens, train=False)
+  def loss(self, model, variables, batch, key, apply_kwargs) -> LossOutput:
+    src, tgt = batch
+    logits, new_vars = model.apply(variables, src, shift_right(tgt, corpora.BOS_ID),
+                                   train=True, rngs={"dropout": key}, **apply_kwargs)
+    loss_sum, _ = label_smoothed_cross_entropy(logits, tgt, corpora.PAD_ID,
+                                               float(self.config.train.label_smoothing))
+    return LossOutput(loss_sum, {}, new_vars)
+
+  def step_metrics(self, sums, weight):
+    return {"tokens": weight}
+
+  def layer_stats_weights(self, batch):
+    """Activation moments over the real tokens of each side."""
+    src, tgt = batch
+    masks = {"encoder": padding_mask(src, corpora.PAD_ID),
+             "decoder": target_mask(shift_right(tgt, corpora.BOS_ID), corpora.PAD_ID)}
+    return lambda path: masks.get(path[0])
+
+  def layer_stats_inputs(self) -> tuple:
+    tokens = jnp.ones((1, 8), jnp.int32)
+    return tokens, tokens
 
   @staticmethod
   def throughput(summary: dict, steps_per_sec: float) -> dict:
     return {"tokens_per_sec": steps_per_sec * summary["tokens"]}
 
-  def translate(self, state: TrainState) -> list[str]:
+  def translate(self, state) -> list[str]:
     """Beam-search translations of the test sources (test-set order), on every process."""
     tr = self.config.translation
     variables = {"params": state.params}
@@ -213,7 +149,7 @@ class TranslationJob:
           hypotheses[position] = corpora.decode(self.sp, ids)
     return hypotheses
 
-  def evaluate(self, state: TrainState, step: int) -> dict:
+  def evaluate(self, state, step: int) -> dict:
     hypotheses = self.translate(state)
     bleu = corpus_bleu(hypotheses, self.references)
     if jax.process_index() == 0:
