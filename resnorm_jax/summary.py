@@ -20,7 +20,6 @@ from collections import OrderedDict
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from resnorm_jax.layers.conv import Conv
 

@@ -10,7 +10,6 @@ dropout), so a checkpoint holds only the :class:`TrainState`, and resuming is ex
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time

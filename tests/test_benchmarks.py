@@ -43,7 +43,7 @@ def test_transformer_step_benchmark_runs_end_to_end(tmp_path, capsys, fast_compi
 
 def test_transformer_flops_match_the_summary():
   """For S = T the benchmark's FLOPs are resnorm-summary's (summary.summary_inputs)."""
-  from resnorm_jax import models, summary
+  from resnorm_jax import summary
   from resnorm_jax.summary import model_summary
   bench = load_script("transformer_step")
   args = bench.parse_args(["--preset", "tiny", "--vocab", "40", "--src_len", "12",

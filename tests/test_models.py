@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnorm_jax import config as config_lib, models, summary
+from resnorm_jax import config as config_lib, summary
 from resnorm_jax.layers import NORMS, UNIT_ORDERINGS, NormContext
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.models.resnet import CifarResNet, resolve_block

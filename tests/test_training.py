@@ -141,7 +141,8 @@ def test_resume_with_another_compute_dtype_is_reported_and_a_new_width_refused(t
   resumed = training.train_and_evaluate(tiny_config(**{"model.dtype": "bfloat16"}), run)
   assert resumed["start_step"] == 3 and resumed["step"] == 6
   assert resumed["resume_changes"] == [
-      "model.dtype: checkpoint has 'float32', this run has 'bfloat16'"]
+      "model.dtype: checkpoint has 'float32', this run has 'bfloat16'",
+      "train.steps: checkpoint has 3, this run has 6"]
   with pytest.raises(ConfigError, match=r"model\.width: checkpoint has 4, this run has 8"):
     training.train_and_evaluate(tiny_config(**{"model.width": 8, "train.steps": 9}), run)
 

@@ -19,9 +19,7 @@ import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from jax import lax
 
 from resnorm_jax import cpu_workarounds
 from resnorm_jax.layers.conv import Conv, he_normal

@@ -9,7 +9,6 @@ follow the ordering (``UnitOrdering.stem`` / ``head``).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
