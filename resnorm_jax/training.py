@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ from jax import lax
 
 from resnorm_jax import checkpointing, config as config_lib, cpu_workarounds, data as data_lib
 from resnorm_jax import layer_stats as layer_stats_lib, models, parallelism
-from resnorm_jax import workdir as workdir_lib
+from resnorm_jax import storage, workdir as workdir_lib
 from resnorm_jax.errors import (ConfigError, NonFiniteLossError, StorageError,
                                 WorkdirLockedError, quiet_storage_logs, storage_error)
 from resnorm_jax.metrics import MetricWriter, Progress
@@ -439,7 +438,7 @@ def _acquire(lock: workdir_lib.WorkdirLock, workdir: str) -> None:
   error = None
   if _is_main_process():
     try:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       lock.acquire()
     except WorkdirLockedError as e:
       error = e
@@ -472,7 +471,7 @@ def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
     previous_config = checkpointing.archive_config_json(workdir)
   checkpointing.save_config_json(workdir, config_dict)
   job.setup(workdir)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
                                     keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps)
   try:
@@ -582,7 +581,7 @@ def _run(config, workdir: str, job, guard, t0: float) -> dict[str, Any]:
       "total_seconds": time.perf_counter() - t0,
       "workdir": workdir,
       "metrics": writer.path,
-      "layer_stats": os.path.join(workdir, layer_stats_lib.FILENAME) if stats_every else None,
+      "layer_stats": storage.join(workdir, layer_stats_lib.FILENAME) if stats_every else None,
       "checkpoints": ckpt.directory,
       "resume_changes": changes,          # settings changed on resume (see resume_changes)
       "previous_config": previous_config,  # the config they replaced, kept

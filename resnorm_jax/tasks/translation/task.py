@@ -22,15 +22,13 @@ process, and process 0 writes ``<workdir>/translations/step_<n>.txt`` (test-set 
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax import lax
 
-from resnorm_jax import layer_stats as layer_stats_lib, models, parallelism
+from resnorm_jax import layer_stats as layer_stats_lib, models, parallelism, storage
 from resnorm_jax.tasks.translation import decoding
 from resnorm_jax.tasks.translation import corpora
 from resnorm_jax.models.transformer import (label_smoothed_cross_entropy, padding_mask,
@@ -217,10 +215,10 @@ class TranslationJob:
     hypotheses = self.translate(state)
     bleu = corpus_bleu(hypotheses, self.references)
     if jax.process_index() == 0:
-      directory = os.path.join(self.workdir, "translations")
-      os.makedirs(directory, exist_ok=True)
-      with open(os.path.join(directory, f"step_{step}.txt"), "w", encoding="utf-8") as f:
-        f.write("".join(h + "\n" for h in hypotheses))
+      directory = storage.join(self.workdir, "translations")
+      storage.makedirs(directory)
+      storage.write_atomic(storage.join(directory, f"step_{step}.txt"),
+                           "".join(h + "\n" for h in hypotheses))
     return {"bleu": bleu, "sentences": float(len(hypotheses))}
 
   @staticmethod
