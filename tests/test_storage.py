@@ -1,6 +1,7 @@
 """gs:// workdirs and data against a real local GCS server (gcp-storage-emulator).
 
-The emulator runs as its own process on 127.0.0.1 and a free port for the whole session;
+The emulator (tests/gcs_emulator.py: gcp-storage-emulator with the generation headers of
+downloads that GCS sends and it omits) runs as its own process on 127.0.0.1 and a free port for the whole session;
 ``STORAGE_EMULATOR_HOST`` sends gcsfs (behind etils.epath) there and
 ``TENSORSTORE_GCS_HTTP_URL`` sends orbax's tensorstore there, in this process and in every
 command the tests start.  Nothing is mocked: objects really go over HTTP to the server.
@@ -42,9 +43,8 @@ def gcs():
   """A GCS emulator process with bucket ``BUCKET``; yields ``gs://BUCKET``."""
   pytest.importorskip("gcp_storage_emulator")
   port = _free_port()
-  server = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-       f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}", "--quiet"],
+  server = subprocess.Popen(   # gcp-storage-emulator (see tests/gcs_emulator.py)
+      [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(port), BUCKET],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
   deadline = time.time() + 30
   while True:
