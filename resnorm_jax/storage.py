@@ -73,6 +73,7 @@ def check_scheme(path, flag: str = "--workdir") -> None:
         f"gs://BUCKET/PATH (or mount the store and pass the mount point)")
   if not bucket_of(path):
     raise ConfigError(f"{flag}={path} names no bucket; pass gs://BUCKET/PATH")
+  _configure()
 
 
 def join(base, *parts) -> str:
@@ -90,6 +91,7 @@ def abspath(path) -> str:
   """A local path made absolute (``~`` expanded); a URL unchanged (without a trailing /)."""
   path = os.fspath(path)
   if is_url(path):
+    _configure()   # callers hand this path to orbax, which opens it through epath
     return path.rstrip("/") if path.rstrip("/").count("/") > 2 else path
   return os.path.abspath(os.path.expanduser(path))
 
@@ -110,6 +112,8 @@ def Path(path):  # pylint: disable=invalid-name
   """``etils.epath.Path(path)`` (``~`` expanded for local paths)."""
   from etils import epath  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
+  if is_url(path):
+    _configure()   # before epath (or orbax through it) creates its gcsfs instance
   return epath.Path(path if is_url(path) else os.path.expanduser(path))
 
 
@@ -269,7 +273,8 @@ def _key(path) -> str:
 @functools.lru_cache(maxsize=None)
 def _configure() -> None:
   """Turns off gcsfs's listing cache (processes of a run share a bucket and must see each
-  other's writes) and, against an emulator, its probe for zonal/hierarchical buckets (which
+  other's writes: a cached listing once made a reader restore a checkpoint step that the
+  writing process had already deleted) and, against an emulator, its probe for zonal/hierarchical buckets (which
   needs real credentials and only logs a warning there)."""
   if os.environ.get("STORAGE_EMULATOR_HOST"):
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")

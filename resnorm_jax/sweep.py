@@ -669,9 +669,9 @@ def submit_slurm(config_path: str, workdir: str, todo: list[dict], overrides: li
   """Writes ``<workdir>/slurm/tasks_<k>.json`` and ``submit_<k>.sh`` (k: the first unused
   number; an sbatch job array of launch/slurm.sbatch, one task per run in ``todo``) and
   runs it where sbatch exists."""
-  slurm_dir = os.path.join(os.path.abspath(workdir), "slurm")
+  slurm_dir = _submission_dir(workdir, "slurm")
   os.makedirs(slurm_dir, exist_ok=True)
-  config_abs, workdir_abs = os.path.abspath(config_path), os.path.abspath(workdir)
+  config_abs, workdir_abs = os.path.abspath(config_path), storage.abspath(workdir)
   tasks = [{"variant": e["variant"], "seed": e["seed"],
             "argv": _task_argv(config_abs, workdir_abs, e["variant"], e["seed"], overrides,
                                "auto")} for e in todo]
@@ -742,12 +742,20 @@ def xpk_jobset(template: str, name: str, args: list[str]) -> str:
   return "\n".join(out) + "\n"
 
 
+def _submission_dir(workdir: str, kind: str) -> str:
+  """Where the files a scheduler reads go: ``<workdir>/<kind>``, or for a bucket workdir
+  (``kubectl`` and ``sbatch`` read local files) ``runs/<kind>/<bucket>/<path>`` here."""
+  if storage.is_url(workdir):
+    return os.path.abspath(os.path.join("runs", kind, workdir.split("://", 1)[1]))
+  return os.path.join(os.path.abspath(workdir), kind)
+
+
 def submit_xpk(config_path: str, workdir: str, todo: list[dict], overrides: list[str]) -> int:
   """Writes one JobSet per run in ``todo`` into ``<workdir>/xpk/``."""
   with open(XPK_TEMPLATE) as f:
     template = f.read()
-  xpk_dir = storage.join(workdir, "xpk")
-  storage.makedirs(xpk_dir)
+  xpk_dir = _submission_dir(workdir, "xpk")
+  os.makedirs(xpk_dir, exist_ok=True)
   config_rel = os.path.relpath(os.path.abspath(config_path), PACKAGE_ROOT)
   config_arg = config_rel if not config_rel.startswith("..") else config_path
   stem = os.path.splitext(_config_id(config_path))[0]
