@@ -34,7 +34,7 @@ import re
 import tempfile
 from typing import IO, Iterator
 
-from resnorm_jax.errors import ConfigError, StorageError
+from resnorm_jax.errors import ConfigError
 
 # The URL schemes a workdir or data directory may use (all others are a ConfigError).
 SCHEMES = ("gs",)

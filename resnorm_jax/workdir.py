@@ -3,9 +3,10 @@
 * :func:`check_workdir` refuses, before anything is written, a workdir that is a file, whose
   parent does not exist (a mistyped mount point would otherwise fill the local disk), that
   is on a read-only file system or not writable, or whose ``checkpoints`` / metrics entries
-  have the wrong kind.
+  have the wrong kind; a ``gs://`` workdir whose bucket does not exist or cannot be read
+  with the credentials found, or a URL of another scheme.
 * :class:`WorkdirLock` makes a workdir belong to one run at a time (see its docstring for
-  the protocol and why it works on shared file systems).
+  the protocol and why it works on shared file systems and on buckets).
 * :func:`repair_jsonl` makes a JSON-lines file hold exactly one complete record per key on
   resume: a line cut by a crash is dropped, and records of steps after the restored
   checkpoint are dropped because the continuing run writes them again.
