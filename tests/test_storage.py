@@ -414,3 +414,31 @@ def test_an_analysis_writes_its_results_and_figures_to_a_bucket(gdir):
   for png in ("moments_chi.png", "moments_reff.png", "moments_kurtosis.png"):
     assert storage.read_bytes(storage.join(gdir, png))[:4] == b"\x89PNG"
   assert not storage.exists(storage.join(gdir, LOCK))
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_locked_bucket_workdir_is_exit_4_writing_nothing(gdir):
+  steps = ["--config.train.steps=2000", "--config.checkpoint.every_steps=1000"]
+  first = train_cli(gdir, *steps)
+  try:
+    deadline = time.time() + 120
+    while not storage.exists(storage.join(gdir, "config.json")) and time.time() < deadline:
+      assert first.poll() is None, first.communicate()[1][-3000:]
+      time.sleep(0.2)
+    lock = storage.read_bytes(storage.join(gdir, LOCK))
+    config = storage.read_bytes(storage.join(gdir, "config.json"))
+    second = train_cli(gdir, *steps)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == errors.EXIT_LOCKED, err[-3000:]
+    lines = [l for l in err.splitlines() if l.startswith("resnorm-train: error:")]
+    assert len(lines) == 1 and f"pid {first.pid} " in lines[0], err[-3000:]
+    # Nothing written: the lock still the first run's, its config untouched, no archive.
+    assert json.loads(storage.read_bytes(storage.join(gdir, LOCK)))["token"] == \
+        json.loads(lock)["token"]
+    assert storage.read_bytes(storage.join(gdir, "config.json")) == config
+    assert not storage.glob(gdir, "config.before_resume_*")
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=180)
+  assert first.returncode == errors.EXIT_PREEMPTED
+  assert not storage.exists(storage.join(gdir, LOCK))
