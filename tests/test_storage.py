@@ -38,25 +38,34 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def gcs():
-  """A GCS emulator process with bucket ``BUCKET``; yields ``gs://BUCKET``."""
+def start_emulator(bucket: str) -> tuple[subprocess.Popen, int]:
+  """A GCS emulator process on a free port of 127.0.0.1 holding ``bucket``; (process, port)."""
   pytest.importorskip("gcp_storage_emulator")
   port = _free_port()
   server = subprocess.Popen(   # gcp-storage-emulator (see tests/gcs_emulator.py)
-      [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(port), BUCKET],
+      [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(port), bucket],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
   deadline = time.time() + 30
   while True:
     try:
       socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
+      return server, port
     except OSError:
       assert server.poll() is None and time.time() < deadline, "emulator did not start"
       time.sleep(0.1)
-  env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-         "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
-         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+
+def emulator_env(port: int) -> dict:
+  return {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+          "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
+          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator process with bucket ``BUCKET``; yields ``gs://BUCKET``."""
+  server, port = start_emulator(BUCKET)
+  env = emulator_env(port)
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   try:
@@ -442,3 +451,33 @@ def test_a_second_run_on_a_locked_bucket_workdir_is_exit_4_writing_nothing(gdir)
     first.communicate(timeout=180)
   assert first.returncode == errors.EXIT_PREEMPTED
   assert not storage.exists(storage.join(gdir, LOCK))
+
+
+@pytest.mark.slow
+def test_a_store_that_fails_during_the_run_is_one_line_exit_5(tmp_path):
+  # A store of its own, stopped while the run trains: the save on SIGTERM cannot be written
+  # (gcsfs retries, then gives up), which is a storage failure, not a crash.
+  server, port = start_emulator("failing")
+  env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1", **emulator_env(port))
+  steps = ["--config.train.steps=5000", "--config.checkpoint.every_steps=5000"]
+  run = subprocess.Popen([sys.executable, "-m", "resnorm_jax.train",
+                          "--workdir=gs://failing/run", *CLI_TINY, *steps], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  import gcsfs
+  store = gcsfs.GCSFileSystem(endpoint_url=f"http://127.0.0.1:{port}", token="anon",
+                              skip_instance_cache=True, use_listings_cache=False)
+  try:
+    deadline = time.time() + 120
+    while not store.exists("failing/run/config.json") and time.time() < deadline:
+      assert run.poll() is None, run.communicate()[1][-3000:]
+      time.sleep(0.2)
+  finally:
+    server.kill()
+    server.wait()
+  time.sleep(2)
+  run.send_signal(signal.SIGTERM)
+  _, err = run.communicate(timeout=300)
+  assert run.returncode == errors.EXIT_STORAGE, err[-3000:]
+  lines = [l for l in err.splitlines() if l.startswith("resnorm-train: error:")]
+  assert len(lines) == 1 and "gs://failing/run" in lines[0], err[-3000:]
+  assert "the object store failed" in lines[0] and "Traceback" not in err, err[-3000:]
