@@ -274,8 +274,8 @@ def _key(path) -> str:
 def _configure() -> None:
   """Turns off gcsfs's listing cache (processes of a run share a bucket and must see each
   other's writes: a cached listing once made a reader restore a checkpoint step that the
-  writing process had already deleted) and, against an emulator, its probe for zonal/hierarchical buckets (which
-  needs real credentials and only logs a warning there)."""
+  writing process had already deleted) and, against an emulator, its probe for zonal and
+  hierarchical buckets (which needs real credentials and only logs a warning there)."""
   if os.environ.get("STORAGE_EMULATOR_HOST"):
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
   import fsspec  # pylint: disable=import-outside-toplevel
@@ -314,8 +314,9 @@ def read_with_generation(path) -> tuple[bytes, float, int | None]:
   bucket, _, key = _key(path).partition("/")
   from urllib.parse import quote  # pylint: disable=import-outside-toplevel
   fs = _gcs()
-  _, data = fs.call("GET", f"{fs._location}/download/storage/v1/b/{quote(bucket)}/o/"  # pylint: disable=protected-access
-                    f"{quote(key, safe='')}", alt="media", generation=str(generation))
+  base = fs._location  # pylint: disable=protected-access
+  url = f"{base}/download/storage/v1/b/{quote(bucket)}/o/{quote(key, safe='')}"
+  _, data = fs.call("GET", url, alt="media", generation=str(generation))
   return data, mtime, generation
 
 
@@ -355,9 +356,9 @@ def _upload(path, data: bytes, if_generation: int) -> int:
   from urllib.parse import quote  # pylint: disable=import-outside-toplevel
   bucket, _, key = _key(path).partition("/")
   fs = _gcs()
+  url = f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o"  # pylint: disable=protected-access
   try:
-    out = fs.call("POST", f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o",  # pylint: disable=protected-access
-                  uploadType="media", name=key, ifGenerationMatch=str(if_generation),
+    out = fs.call("POST", url, uploadType="media", name=key, ifGenerationMatch=str(if_generation),
                   headers={"Content-Type": "application/octet-stream"}, data=data,
                   json_out=True)
   finally:

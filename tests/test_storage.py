@@ -1,7 +1,8 @@
 """gs:// workdirs and data against a real local GCS server (gcp-storage-emulator).
 
 The emulator (tests/gcs_emulator.py: gcp-storage-emulator with the generation headers of
-downloads that GCS sends and it omits) runs as its own process on 127.0.0.1 and a free port for the whole session;
+downloads that GCS sends and it omits) runs as its own process on 127.0.0.1 and a free
+port for the whole session;
 ``STORAGE_EMULATOR_HOST`` sends gcsfs (behind etils.epath) there and
 ``TENSORSTORE_GCS_HTTP_URL`` sends orbax's tensorstore there, in this process and in every
 command the tests start.  Nothing is mocked: objects really go over HTTP to the server.
