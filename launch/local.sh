@@ -6,8 +6,9 @@
 #
 # Environment: DEVICES_PER_PROCESS (CPU devices each process simulates, default 4),
 # PORT (coordinator port, default 12355 + a hash of the workdir), PYTHON (interpreter,
-# default .venv/bin/python or python3).  Logs: <workdir>/process_<i>.log; process 0 also
-# prints to the console.  Exits with the first non-zero exit code of any process.
+# default .venv/bin/python or python3).  Logs: <workdir>/process_<i>.log (for a gs://
+# workdir: LOG_DIR, default runs/local_logs/<bucket path>); process 0 also prints to the
+# console.  Exits with the first non-zero exit code of any process.
 set -uo pipefail
 if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ ]]; then
   echo "usage: launch/local.sh NUM_PROCESSES [resnorm-train flags]" >&2
@@ -23,7 +24,11 @@ workdir="runs/local_multiprocess"
 for arg in "$@"; do
   case "$arg" in --workdir=*) workdir="${arg#--workdir=}" ;; esac
 done
-mkdir -p "$workdir"
+logdir="$workdir"
+if [[ "$workdir" == gs://* ]]; then
+  logdir="${LOG_DIR:-runs/local_logs/${workdir#gs://}}"
+fi
+mkdir -p "$logdir"
 port="${PORT:-$((12355 + $(printf '%s' "$workdir" | cksum | cut -d' ' -f1) % 2000))}"
 devices="${DEVICES_PER_PROCESS:-4}"
 flags="${XLA_FLAGS:-}"
@@ -34,7 +39,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done; }
 trap cleanup TERM INT
 for ((i = 0; i < n; i++)); do
-  log="$workdir/process_$i.log"
+  log="$logdir/process_$i.log"
   args=(-m resnorm_jax.train --coordinator_address="127.0.0.1:$port" --num_processes="$n"
         --process_id="$i" "$@")
   if [[ $i -eq 0 ]]; then
@@ -48,7 +53,7 @@ status=0
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}"; rc=$?
   if [[ $rc -ne 0 ]]; then
-    echo "launch/local.sh: process $i exited with code $rc (log: $workdir/process_$i.log)" >&2
+    echo "launch/local.sh: process $i exited with code $rc (log: $logdir/process_$i.log)" >&2
     if [[ $status -eq 0 ]]; then status=$rc; fi
   fi
 done

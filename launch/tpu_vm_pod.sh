@@ -3,8 +3,8 @@
 #
 #   launch/tpu_vm_pod.sh create
 #   launch/tpu_vm_pod.sh setup                  # copies this repo to every worker, installs it
-#   launch/tpu_vm_pod.sh mount BUCKET           # gcsfuse: gs://BUCKET at /mnt/BUCKET everywhere
-#   launch/tpu_vm_pod.sh run --config=configs/cifar_resnet.py:resnet1001 --workdir=/mnt/BUCKET/r1001
+#   launch/tpu_vm_pod.sh run --config=configs/cifar_resnet.py:resnet1001 --workdir=gs://BUCKET/r1001
+#   launch/tpu_vm_pod.sh mount BUCKET           # optional: gcsfuse, gs://BUCKET at /mnt/BUCKET
 #   launch/tpu_vm_pod.sh logs                   # copies each worker's log to runs/tpu_logs/
 #   launch/tpu_vm_pod.sh delete
 #
@@ -12,10 +12,11 @@
 # accelerator type (v4-32 = 4 hosts, v5litepod-16 = 4 hosts, ...) and the TPU software version.
 # On TPU VMs jax.distributed finds the coordinator and process ids by itself
 # (resnorm-train --distributed=auto detects the pod), so every worker runs the same command.
-# The workdir must be a directory every worker reaches at the same path (orbax writes
-# checkpoints from every host, metrics come from host 0): a bucket mounted with `mount`, or a
-# shared disk (Filestore/NFS).  A gs:// URL is refused with this advice: runs write their
-# workdir with local file operations.
+# The workdir must be one every worker reaches under the same name (orbax writes
+# checkpoints from every host, metrics come from host 0): a gs:// URL, written directly by
+# every worker (the TPU VMs' service account needs read/write access to the bucket; the
+# bucket is checked before anything is compiled), or a shared disk (Filestore/NFS), or a
+# bucket mounted with `mount` at the same path everywhere (for tools that need files).
 set -euo pipefail
 PROJECT="${PROJECT:-my-gcp-project}"
 ZONE="${ZONE:-us-central2-b}"

@@ -44,7 +44,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 from typing import Any, Mapping
@@ -53,7 +52,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from resnorm_jax import config as config_lib, workdir as workdir_lib
+from resnorm_jax import config as config_lib, storage, workdir as workdir_lib
 from resnorm_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ class Checkpointer:
     if not isinstance(keep, int) or keep < 1:
       raise ConfigError(f"checkpoint keep must be an integer >= 1, got {keep!r}; "
                         "set it to the number of recent checkpoints to retain")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = storage.abspath(directory)   # a local path or a gs:// URL
     self.keep = keep
     self.every_steps = int(every_steps)
     self._manager = ocp.CheckpointManager(
@@ -400,10 +399,10 @@ def save_config_json(workdir: str, config_dict: Any) -> str:
   The file is written to a temporary name and renamed, so a crash never leaves a partial
   ``config.json``.  Only process 0 writes (the workdir is shared in multi-process jobs).
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = storage.join(workdir, CONFIG_FILE)
   if jax.process_index() != 0:
     return path
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   text = json.dumps(_plain(config_dict), indent=2, sort_keys=True, default=_json_default)
   workdir_lib.write_atomic(path, (text + "\n").encode())
   return path
@@ -415,7 +414,7 @@ def check_config_compatible(workdir: str, config_dict: Any) -> None:
   :data:`resnorm_jax.config.SCHEMA`: the model family and its architecture keys, the data
   set), listing every such key as ``model.norm: checkpoint has 'batch', this run has
   'layer'``.  A workdir without ``config.json`` is compatible with anything."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = storage.join(workdir, CONFIG_FILE)
   diffs = _resume_diffs(workdir, config_dict).get(config_lib.TREE, [])
   if diffs:
     raise ConfigError(
@@ -465,11 +464,11 @@ def archive_config_json(workdir: str) -> str:
   """Copies ``<workdir>/config.json`` to the first free ``config.before_resume_<n>.json``
   (process 0) before a resume with changed settings overwrites it; returns that path."""
   n = 1
-  while os.path.exists(os.path.join(workdir, f"config.before_resume_{n}.json")):
+  while storage.exists(storage.join(workdir, f"config.before_resume_{n}.json")):
     n += 1
-  target = os.path.join(workdir, f"config.before_resume_{n}.json")
+  target = storage.join(workdir, f"config.before_resume_{n}.json")
   if jax.process_index() == 0:
-    shutil.copyfile(os.path.join(workdir, CONFIG_FILE), target)
+    storage.copy(storage.join(workdir, CONFIG_FILE), target)
   return target
 
 
@@ -479,12 +478,11 @@ _MISSING = object()
 def _saved_and_current(workdir: str, config_dict: Any) -> tuple[Any, Any] | None:
   """(``<workdir>/config.json``, ``config_dict``) as comparable plain JSON trees; None
   without a saved config; ConfigError if it cannot be read."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, CONFIG_FILE)
+  if not storage.exists(path):
     return None
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(storage.read_text(path))
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} is unreadable ({e}); restore or remove it, or use a fresh "
                       "--workdir") from e

@@ -266,7 +266,8 @@ def _spec(registry, value, key, **context) -> None:
 
 
 def validate_workdir(workdir: str, flag: str = "--workdir") -> None:
-  """ConfigError for a URL workdir (see :func:`resnorm_jax.workdir.check_not_url`)."""
+  """ConfigError for a URL of an unsupported scheme or without a bucket (see
+  :func:`resnorm_jax.storage.check_scheme`)."""
   from resnorm_jax import workdir as workdir_lib
   workdir_lib.check_not_url(workdir, flag)
 

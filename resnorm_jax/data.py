@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnorm_jax import storage
 from resnorm_jax.registry import ConfigError, Registry
 
 DATASETS = Registry("data set")
@@ -134,8 +135,8 @@ def parse_cifar_binary(blob: bytes, label_bytes: int, num_classes: int, where: s
 
 def load_cifar_tarball(name: str, data_dir: str) -> ImageDataset:
   tar_name, folder, train_files, test_files, label_bytes, classes = _CIFAR_BINARY[name]
-  path = os.path.join(os.path.expanduser(data_dir or "."), tar_name)
-  if not os.path.exists(path):
+  path = storage.join(os.path.expanduser(data_dir or "."), tar_name)
+  if not storage.exists(path):
     raise ConfigError(
         f"data.name={name}: no {tar_name} in data.data_dir={data_dir or '.'!r} (and no "
         f"prepared TFDS {name} there). Download the official binary tarball from "
@@ -144,7 +145,7 @@ def load_cifar_tarball(name: str, data_dir: str) -> ImageDataset:
         f"(pip install -e '.[tf]'): tfds build {name} --data_dir=DIR "
         f"--file_format=array_record; then rerun")
   try:
-    with tarfile.open(path) as tar:
+    with storage.local_copy(path) as local, tarfile.open(local) as tar:
       read = lambda f: tar.extractfile(f"{folder}/{f}").read()
       splits = [[parse_cifar_binary(read(f), label_bytes, classes, f"{path}:{f}")
                  for f in files] for files in (train_files, test_files)]
@@ -172,7 +173,7 @@ def _tfds_prepare_hint(name: str, data_dir: str) -> str:
 
 def _tfds_dir(data_dir: str):
   """data.data_dir for TFDS: '' means TFDS's default (~/tensorflow_datasets)."""
-  return os.path.expanduser(data_dir) if data_dir else None
+  return storage.abspath(data_dir) if data_dir else None   # TFDS reads gs:// itself (epath)
 
 
 def _tfds_builder(name: str, data_dir: str):

@@ -77,6 +77,11 @@ _MESSAGES = {  # what the storage said, for errors that only carry it as text (t
 }
 
 
+# Errors of gcsfs / aiohttp that mean "the object store failed" (a gs:// workdir).
+_STORE_ERRORS = frozenset({"HttpError", "ClientConnectorError", "ServerDisconnectedError",
+                           "ClientPayloadError", "ChecksumError"})
+
+
 def storage_error(error: BaseException, where: str) -> StorageError | None:
   """A one-line :class:`StorageError` naming ``where`` if ``error`` (or anything in its
   cause/context chain, or the text of a wrapped tensorstore error) is a storage failure;
@@ -92,6 +97,10 @@ def storage_error(error: BaseException, where: str) -> StorageError | None:
     for text, code in _MESSAGES.items():
       if text in str(error):
         return StorageError(f"{os.strerror(code).lower()} while writing {where}")
+    if type(error).__name__ in _STORE_ERRORS:   # the object store failed (after retries)
+      text = " ".join(str(error).split())[:200]
+      return StorageError(f"the object store failed while writing {where} "
+                          f"({type(error).__name__}: {text})")
     error = error.__cause__ or error.__context__
   return None
 

@@ -6,9 +6,14 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Mapping
 
-from resnorm_jax import workdir as workdir_lib
+from resnorm_jax import storage, workdir as workdir_lib
+
+# On an object store, at most this long passes between uploads of a JSON-lines file that
+# has new records (and each checkpoint uploads them at once: see MetricWriter).
+OBJECT_FLUSH_SECONDS = 30.0
 
 
 class MetricWriter:
@@ -20,21 +25,40 @@ class MetricWriter:
   crash and the records of steps after ``resume_step`` (the restored checkpoint's step:
   the continuing run writes them again), and a record written again for an existing key
   replaces the old one.  Each line is flushed when written.
+
+  On an object store (a ``gs://`` workdir) objects cannot be appended to, so each file is
+  kept in memory (its repaired records plus the new ones) and uploaded whole, as one object
+  that replaces the previous one atomically: at every :meth:`sync` (called when a checkpoint
+  is saved, and at the end), at :meth:`close`, and at most ``OBJECT_FLUSH_SECONDS`` after a
+  record arrives.  Why this loses nothing on preemption: a resumed run restores a
+  checkpoint and drops every record of a later step anyway (it writes them again), and
+  every record up to a checkpoint's step is uploaded when that checkpoint is saved -- also
+  the one saved on SIGTERM -- so what survives is exactly what a resume keeps on a local
+  disk.  Readers always see one complete file (no cut line, no chunks to merge), which
+  ``gcloud storage cat`` and the analysis tools read as they are.  The cost, one upload of
+  the whole file per flush, is small: metrics files are kilobytes to a few megabytes and
+  flushes are tens of seconds apart.  (Chunk objects merged by the reader would save the
+  re-uploads but leave every reader to merge them; GCS ``compose`` caps a composite at
+  1024 components.)
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
                resume_step: int | None = None):
     self.enabled, self.workdir, self.resume_step = enabled, workdir, resume_step
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._files: dict = {}   # filename -> open file
+    self.path = storage.join(workdir, "metrics.jsonl")
+    self.on_bucket = storage.is_url(workdir)
+    self._files: dict = {}   # filename -> open file (local) or its records (object store)
     self._keys: dict = {}    # filename -> keys of the records in it
+    self._dirty: dict = {}   # object store: filename -> time of its oldest unuploaded record
     self._tb = None
     if enabled:
       self._open("metrics.jsonl")
     if enabled and tensorboard:
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if self.on_bucket:
+          _register_tensorboard_writer()
+        self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
       except ImportError:  # TensorBoard output is optional; JSON lines always exist.
         self._tb = None
 
@@ -45,17 +69,23 @@ class MetricWriter:
 
   def _open(self, filename: str):
     """Repairs ``filename`` (see the class docstring) and opens it for appending."""
-    path = os.path.join(self.workdir, filename)
+    path = storage.join(self.workdir, filename)
     last = self.resume_step
     kept = workdir_lib.repair_jsonl(
         path, keep=lambda r: last is None or int(r.get("step", 0)) <= last,
         key=lambda r: self._key(filename, r))
     self._keys[filename] = {self._key(filename, r) for r in kept}
+    if self.on_bucket:
+      self._files[filename] = kept
+      return kept
     self._files[filename] = open(path, "a", buffering=1)
     return self._files[filename]
 
   def _append(self, filename: str, record: dict) -> None:
     key = self._key(filename, record)
+    if self.on_bucket:
+      self._append_object(filename, key, record)
+      return
     f = self._files.get(filename) or self._open(filename)
     if key in self._keys[filename]:  # written again (a re-evaluation): replace the old one
       f.close()
@@ -65,6 +95,23 @@ class MetricWriter:
                                        buffering=1)
     f.write(json.dumps(record) + "\n")
     self._keys[filename].add(key)
+
+  def _append_object(self, filename: str, key: tuple, record: dict) -> None:
+    records = self._files[filename] if filename in self._files else self._open(filename)
+    if key in self._keys[filename]:  # written again: replace the old one
+      records[:] = [r for r in records if self._key(filename, r) != key]
+    records.append(json.loads(json.dumps(record)))
+    self._keys[filename].add(key)
+    now = time.monotonic()
+    first = self._dirty.setdefault(filename, now)
+    if now - first >= OBJECT_FLUSH_SECONDS:
+      self._upload(filename)
+
+  def _upload(self, filename: str) -> None:
+    """Object store: replaces ``filename`` by the file of all its records (one upload)."""
+    text = "".join(json.dumps(r) + "\n" for r in self._files[filename])
+    workdir_lib.write_atomic(storage.join(self.workdir, filename), text.encode())
+    self._dirty.pop(filename, None)
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -86,9 +133,13 @@ class MetricWriter:
 
   def sync(self) -> None:
     """Makes every record written so far durable (called when a checkpoint is saved)."""
-    for f in self._files.values():
-      f.flush()
-      os.fsync(f.fileno())
+    if self.on_bucket:
+      for filename in list(self._dirty):
+        self._upload(filename)
+    else:
+      for f in self._files.values():
+        f.flush()
+        os.fsync(f.fileno())
     if self._tb is not None:
       self._tb.flush()
 
@@ -98,8 +149,12 @@ class MetricWriter:
         self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
   def close(self) -> None:
-    for f in self._files.values():
-      f.close()
+    if self.on_bucket:
+      for filename in list(self._dirty):
+        self._upload(filename)
+    else:
+      for f in self._files.values():
+        f.close()
     self._files = {}
     if self._tb is not None:
       self._tb.close()
@@ -108,7 +163,41 @@ class MetricWriter:
 
 def read_metrics(workdir: str, filename: str = "metrics.jsonl") -> list[dict]:
   """The records of ``<workdir>/<filename>``; a last line cut by a crash is left out."""
-  return workdir_lib.read_jsonl(os.path.join(workdir, filename))
+  return workdir_lib.read_jsonl(storage.join(workdir, filename))
+
+
+class _ObjectRecordWriter:
+  """A TensorBoard event file on an object store: the bytes written so far, uploaded whole
+  (replacing the object) at each flush, since objects cannot be appended to."""
+
+  def __init__(self, path: str):
+    self.path, self._data, self._uploaded = path, bytearray(), -1
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    if len(self._data) != self._uploaded:
+      storage.write_atomic(self.path, bytes(self._data))
+      self._uploaded = len(self._data)
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectRecordWriterFactory:
+  def open(self, path: str) -> _ObjectRecordWriter:
+    return _ObjectRecordWriter(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # objects need no directories
+
+
+def _register_tensorboard_writer() -> None:
+  """Makes tensorboardX write ``gs://`` event files through :mod:`resnorm_jax.storage`
+  (instead of its own google-cloud-storage client)."""
+  from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+  record_writer.register_writer_factory("gs", _ObjectRecordWriterFactory())
 
 
 class Progress:
@@ -127,7 +216,7 @@ class Progress:
 
   def update(self, step: int, rates: dict | None = None, **postfix) -> None:
     """Advances to ``step``; ``rates`` are the throughputs measured over the last logging
-    window (``job.throughput``), shown as ``ex_s`` / ``tok_s``."""
+    window (``Task.throughput``), shown as ``ex_s`` / ``tok_s``."""
     if self._bar is None:
       return
     self._bar.update(step - self._bar.n)

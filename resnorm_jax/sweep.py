@@ -51,13 +51,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnorm_jax import errors, experiments, sweep_stats
+from resnorm_jax import errors, experiments, storage, sweep_stats
 from resnorm_jax.errors import ConfigError, EXIT_USAGE, EXIT_PREEMPTED
 OVERRIDE_PREFIX = "--config."
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,8 +264,7 @@ def metric_value(eval_metrics: dict | None, key: str) -> float | None:
 # ----------------------------------------------------------------------------------------
 def _read_json(path: str) -> Any:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
@@ -274,41 +272,38 @@ def _read_json(path: str) -> Any:
 
 
 def _write_atomic(path: str, text: str | bytes) -> None:
-  """Writes ``path`` through a temporary file and a rename (concurrent array tasks)."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Writes ``path`` through a temporary file and a rename (concurrent array tasks; on a
+  bucket one upload, atomic there)."""
+  storage.write_atomic(path, text)
 
 
 def _saved_seed(path: str) -> int | None:
-  saved = _read_json(os.path.join(path, CONFIG_FILE))
+  saved = _read_json(storage.join(path, CONFIG_FILE))
   return None if saved is None else int(saved.get("train", {}).get("seed", 0))
 
 
 def run_dir(workdir: str, variant: str, seed: int) -> str:
   """``<workdir>/<variant>/seed_<seed>``, or ``<workdir>/<variant>`` itself where an earlier
   single-seed sweep trained this seed there."""
-  legacy = os.path.join(workdir, variant)
+  legacy = storage.join(workdir, variant)
   if _saved_seed(legacy) == seed:
     return legacy
-  return os.path.join(legacy, SEED_DIR.format(seed))
+  return storage.join(legacy, SEED_DIR.format(seed))
 
 
 def find_runs(workdir: str, variant: str) -> dict[int, str]:
   """{seed: run directory} of every run of ``variant`` on disk (a directory with a
   config.json: started at least)."""
-  base = os.path.join(workdir, variant)
+  base = storage.join(workdir, variant)
   runs = {}
   legacy_seed = _saved_seed(base)
   if legacy_seed is not None:
     runs[legacy_seed] = base
-  if os.path.isdir(base):
-    for name in sorted(os.listdir(base)):
+  if storage.isdir(base):
+    for name in storage.listdir(base):
       m = re.fullmatch(SEED_DIR.format(r"(\d+)"), name)
-      path = os.path.join(base, name)
-      if m and os.path.isfile(os.path.join(path, CONFIG_FILE)):
+      path = storage.join(base, name)
+      if m and storage.isfile(storage.join(path, CONFIG_FILE)):
         runs.setdefault(int(m.group(1)), path)
   return dict(sorted(runs.items()))
 
@@ -318,7 +313,7 @@ def _final_eval_from_metrics(path: str, steps: int) -> dict | None:
   resnorm-train directly has no result.json), or None."""
   found = None
   try:
-    with open(os.path.join(path, "metrics.jsonl")) as f:
+    with storage.open(storage.join(path, "metrics.jsonl")) as f:
       for line in f:
         try:
           record = json.loads(line)
@@ -332,8 +327,8 @@ def _final_eval_from_metrics(path: str, steps: int) -> dict | None:
 
 
 def _last_checkpoint(path: str) -> int | None:
-  ckpt = os.path.join(path, "checkpoints")
-  steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if os.path.isdir(ckpt) else []
+  ckpt = storage.join(path, "checkpoints")
+  steps = [int(n) for n in storage.listdir(ckpt) if n.isdigit()]
   return max(steps) if steps else None
 
 
@@ -341,10 +336,10 @@ def read_run(path: str, metric_key: str) -> dict[str, Any] | None:
   """The state of the run in ``path``: None (never started) or {"status": "completed" |
   "diverged" | "unfinished", "step", "steps", "value"}; ``value`` (the metric) only for a
   completed run."""
-  result = _read_json(os.path.join(path, RESULT_FILE))
+  result = _read_json(storage.join(path, RESULT_FILE))
   if result is not None:
     return result
-  saved = _read_json(os.path.join(path, CONFIG_FILE))
+  saved = _read_json(storage.join(path, CONFIG_FILE))
   if saved is None:
     return None
   steps = int(saved.get("train", {}).get("steps", 0))
@@ -365,7 +360,7 @@ def write_result(path: str, variant: str, seed: int, config, status: str,
             "step": (summary or {}).get("step"), "steps": config.train.steps,
             "metric": metric["key"], "value": metric_value(ev, metric["key"]),
             "eval": {k: float(v) for k, v in ev.items()}}
-  _write_atomic(os.path.join(path, RESULT_FILE), json.dumps(result, indent=2) + "\n")
+  _write_atomic(storage.join(path, RESULT_FILE), json.dumps(result, indent=2) + "\n")
   return result
 
 
@@ -378,7 +373,7 @@ def sweep_config_path(workdir: str) -> str | None:
   """The config path recorded in ``workdir`` (sweep.json, or an older sweep's
   results.json), or None."""
   for name in (SWEEP_FILE, "results.json"):
-    saved = _read_json(os.path.join(workdir, name))
+    saved = _read_json(storage.join(workdir, name))
     if isinstance(saved, dict) and saved.get("config"):
       return saved["config"]
   return None
@@ -393,9 +388,9 @@ def check_sweep_dir(workdir: str, config_path: str) -> None:
 
 
 def record_sweep(workdir: str, config_path: str) -> None:
-  if not os.path.exists(os.path.join(workdir, SWEEP_FILE)):
-    os.makedirs(workdir, exist_ok=True)
-    _write_atomic(os.path.join(workdir, SWEEP_FILE),
+  if not storage.exists(storage.join(workdir, SWEEP_FILE)):
+    storage.makedirs(workdir)
+    _write_atomic(storage.join(workdir, SWEEP_FILE),
                   json.dumps({"config": config_path}, indent=2) + "\n")
 
 
@@ -562,10 +557,10 @@ def write_results(workdir: str, config_path: str, overrides: list[str], rows: li
   """Writes results.json, results.md and (``figure``) results.png; returns the table."""
   from resnorm_jax.analysis import plots
   table = results_markdown(config_path, rows)
-  os.makedirs(workdir, exist_ok=True)
-  _write_atomic(os.path.join(workdir, "results.json"), json.dumps(
+  storage.makedirs(workdir)
+  _write_atomic(storage.join(workdir, "results.json"), json.dumps(
       {"config": config_path, "overrides": overrides, "rows": rows}, indent=2) + "\n")
-  _write_atomic(os.path.join(workdir, "results.md"), table)
+  _write_atomic(storage.join(workdir, "results.md"), table)
   if figure and any(r["n"] for r in rows):
     plots.sweep_figure(rows, workdir, title=f"{_config_id(config_path)} "
                        f"({'BLEU' if rows[0]['metric'] == 'bleu' else 'test error %'})")
@@ -644,7 +639,7 @@ def sweep(config_path: str, plan: list[dict], workdir: str, overrides: list[str]
   if main_process:
     table = write_results(workdir, config_path, overrides,
                           collect_rows(workdir, all_configs, order, baselines))
-    print(f"resnorm-sweep: results in {os.path.join(workdir, 'results.md')} (figure: "
+    print(f"resnorm-sweep: results in {storage.join(workdir, 'results.md')} (figure: "
           "results.png)")
     print(table)
   return 0
@@ -673,9 +668,9 @@ def submit_slurm(config_path: str, workdir: str, todo: list[dict], overrides: li
   """Writes ``<workdir>/slurm/tasks_<k>.json`` and ``submit_<k>.sh`` (k: the first unused
   number; an sbatch job array of launch/slurm.sbatch, one task per run in ``todo``) and
   runs it where sbatch exists."""
-  slurm_dir = os.path.join(os.path.abspath(workdir), "slurm")
+  slurm_dir = _submission_dir(workdir, "slurm")
   os.makedirs(slurm_dir, exist_ok=True)
-  config_abs, workdir_abs = os.path.abspath(config_path), os.path.abspath(workdir)
+  config_abs, workdir_abs = os.path.abspath(config_path), storage.abspath(workdir)
   tasks = [{"variant": e["variant"], "seed": e["seed"],
             "argv": _task_argv(config_abs, workdir_abs, e["variant"], e["seed"], overrides,
                                "auto")} for e in todo]
@@ -746,11 +741,19 @@ def xpk_jobset(template: str, name: str, args: list[str]) -> str:
   return "\n".join(out) + "\n"
 
 
+def _submission_dir(workdir: str, kind: str) -> str:
+  """Where the files a scheduler reads go: ``<workdir>/<kind>``, or for a bucket workdir
+  (``kubectl`` and ``sbatch`` read local files) ``runs/<kind>/<bucket>/<path>`` here."""
+  if storage.is_url(workdir):
+    return os.path.abspath(os.path.join("runs", kind, workdir.split("://", 1)[1]))
+  return os.path.join(os.path.abspath(workdir), kind)
+
+
 def submit_xpk(config_path: str, workdir: str, todo: list[dict], overrides: list[str]) -> int:
   """Writes one JobSet per run in ``todo`` into ``<workdir>/xpk/``."""
   with open(XPK_TEMPLATE) as f:
     template = f.read()
-  xpk_dir = os.path.join(workdir, "xpk")
+  xpk_dir = _submission_dir(workdir, "xpk")
   os.makedirs(xpk_dir, exist_ok=True)
   config_rel = os.path.relpath(os.path.abspath(config_path), PACKAGE_ROOT)
   config_arg = config_rel if not config_rel.startswith("..") else config_path
@@ -759,7 +762,7 @@ def submit_xpk(config_path: str, workdir: str, todo: list[dict], overrides: list
     name = k8s_name("resnorm", stem, e["variant"], f"s{e['seed']}")
     text = xpk_jobset(template, name, _task_argv(config_arg, workdir, e["variant"],
                                                  e["seed"], overrides, "on"))
-    _write_atomic(os.path.join(xpk_dir, f"{e['variant']}-seed{e['seed']}.yaml"), text)
+    _write_atomic(storage.join(xpk_dir, f"{e['variant']}-seed{e['seed']}.yaml"), text)
   print(f"resnorm-sweep: {len(todo)} JobSets in {xpk_dir}; submit with kubectl apply -f "
         f"{xpk_dir}, tabulate with resnorm-sweep --workdir={workdir} --collect")
   return 0

@@ -25,7 +25,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnorm_jax import errors
+from resnorm_jax import errors, storage
 from resnorm_jax.errors import (EXIT_INTERNAL, EXIT_LOCKED, EXIT_NONFINITE, EXIT_PEER_LOST,
                                 EXIT_STORAGE, EXIT_USAGE, ConfigError)
 
@@ -129,7 +129,7 @@ def print_summary(summary: dict) -> None:
   ]
   if ev and "bleu" in ev:
     lines.append(f"  test BLEU      {ev['bleu']:.2f}   ({int(ev['sentences'])} sentences, "
-                 f"sacreBLEU; translations in {os.path.join(summary['workdir'], 'translations')})")
+                 f"sacreBLEU; translations in {storage.join(summary['workdir'], 'translations')})")
   elif ev:
     lines.append(f"  test accuracy  {ev['accuracy']:.4f}   (error {100 * ev['error']:.2f}%, "
                  f"loss {ev['loss']:.4f})")
@@ -137,7 +137,7 @@ def print_summary(summary: dict) -> None:
       f"  time           {summary['total_seconds']:.1f} s total, "
       f"{summary['train_seconds']:.1f} s in training steps",
       f"  metrics        {summary['metrics']} (JSON lines; TensorBoard in "
-      f"{os.path.join(summary['workdir'], 'tensorboard')})",
+      f"{storage.join(summary['workdir'], 'tensorboard')})",
       f"  checkpoints    {summary['checkpoints']}",
   ]
   if summary.get("layer_stats"):

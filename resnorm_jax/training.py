@@ -11,7 +11,6 @@ dropout), so a checkpoint holds only the :class:`TrainState`, and resuming is ex
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Callable
 
@@ -24,7 +23,7 @@ import optax
 from jax import lax
 
 from resnorm_jax import checkpointing, config as config_lib, cpu_workarounds
-from resnorm_jax import layer_stats as layer_stats_lib, parallelism, tasks
+from resnorm_jax import layer_stats as layer_stats_lib, parallelism, storage, tasks
 from resnorm_jax import workdir as workdir_lib
 from resnorm_jax.errors import (ConfigError, NonFiniteLossError, StorageError,
                                 WorkdirLockedError, quiet_storage_logs, storage_error)
@@ -271,7 +270,7 @@ def _acquire(lock: workdir_lib.WorkdirLock, workdir: str) -> None:
   error = None
   if _is_main_process():
     try:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       lock.acquire()
     except WorkdirLockedError as e:
       error = e
@@ -299,7 +298,7 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
   checkpointing.save_config_json(workdir, config_dict)
   task.setup(workdir)
   steps = {False: make_train_step(task)}   # with layer statistics: compiled on first use
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
                                     keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps)
   try:
@@ -413,7 +412,7 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
       "total_seconds": time.perf_counter() - t0,
       "workdir": workdir,
       "metrics": writer.path,
-      "layer_stats": os.path.join(workdir, layer_stats_lib.FILENAME) if stats_every else None,
+      "layer_stats": storage.join(workdir, layer_stats_lib.FILENAME) if stats_every else None,
       "checkpoints": ckpt.directory,
       "resume_changes": changes,          # settings changed on resume (see resume_changes)
       "previous_config": previous_config,  # the config they replaced, kept

@@ -3,9 +3,10 @@
 * :func:`check_workdir` refuses, before anything is written, a workdir that is a file, whose
   parent does not exist (a mistyped mount point would otherwise fill the local disk), that
   is on a read-only file system or not writable, or whose ``checkpoints`` / metrics entries
-  have the wrong kind.
+  have the wrong kind; a ``gs://`` workdir whose bucket does not exist or cannot be read
+  with the credentials found, or a URL of another scheme.
 * :class:`WorkdirLock` makes a workdir belong to one run at a time (see its docstring for
-  the protocol and why it works on shared file systems).
+  the protocol and why it works on shared file systems and on buckets).
 * :func:`repair_jsonl` makes a JSON-lines file hold exactly one complete record per key on
   resume: a line cut by a crash is dropped, and records of steps after the restored
   checkpoint are dropped because the continuing run writes them again.
@@ -16,15 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from typing import Callable, Iterable
 
+from resnorm_jax import storage
 from resnorm_jax.errors import ConfigError, StorageError, WorkdirLockedError
 
 log = logging.getLogger(__name__)
@@ -38,24 +38,10 @@ FILES = ("config.json", "metrics.jsonl", "layer_stats.jsonl", "spm.model", LOCK_
 # ----------------------------------------------------------------------------------------
 # Checks before anything is written.
 # ----------------------------------------------------------------------------------------
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 def check_not_url(workdir: str, flag: str = "--workdir") -> None:
-  """ConfigError for a URL workdir (``gs://``, ``s3://``, ...).
-
-  Checkpoints, metrics, the config and the tokenizer are written with local file
-  operations, which would silently turn ``gs://bucket/run`` into a local directory named
-  ``gs:`` on every host (lost with the VM).  A bucket is used through a mount instead."""
-  match = _URL.match(workdir or "")
-  if match:
-    bucket = workdir[match.end():].split("/", 1)[0] or "BUCKET"
-    raise ConfigError(
-        f"{flag}={workdir} is a URL, but runs write their workdir with local file "
-        f"operations. Mount the bucket on every host and pass the mount point, e.g. "
-        f"`gcsfuse --implicit-dirs {bucket} /mnt/{bucket}` then "
-        f"{flag}=/mnt/{workdir[match.end():]} (launch/tpu_vm_pod.sh mount {bucket} does "
-        f"this on every TPU worker), or use a disk every host shares (NFS, Filestore)")
+  """ConfigError for a URL of an unsupported scheme (``s3://``, ...) or without a bucket;
+  ``gs://`` workdirs are written natively (see :mod:`resnorm_jax.storage`)."""
+  storage.check_scheme(workdir, flag)
 
 
 def check_workdir(workdir: str, *, parent_must_exist: bool = True,
@@ -65,6 +51,9 @@ def check_workdir(workdir: str, *, parent_must_exist: bool = True,
   ``parent_must_exist``: the directory above ``workdir`` must exist (commands that create
   their own tree below a checked root, like a sweep's variant directories, pass False)."""
   check_not_url(workdir, flag)
+  if storage.is_url(workdir):
+    _check_bucket_workdir(workdir, flag)
+    return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise ConfigError(f"{flag}={workdir} is a file, not a directory; pass a directory "
@@ -97,6 +86,24 @@ def check_workdir(workdir: str, *, parent_must_exist: bool = True,
                           "permissions or use another --workdir")
 
 
+def _check_bucket_workdir(workdir: str, flag: str) -> None:
+  """check_workdir for ``gs://``: the bucket exists and is readable with the credentials
+  found, the workdir is not an object, and its entries have the right kind."""
+  storage.check_bucket(workdir, flag)
+  if storage.isfile(workdir):
+    raise ConfigError(f"{flag}={workdir} is an object, not a directory; pass a directory")
+  for name in DIRECTORIES:
+    entry = storage.join(workdir, name)
+    if storage.isfile(entry):
+      raise ConfigError(f"{entry} is an object, but the run keeps a directory there; move "
+                        "it away or use another --workdir")
+  for name in FILES:
+    entry = storage.join(workdir, name)
+    if storage.isdir(entry):
+      raise ConfigError(f"{entry} is a directory, but the run keeps a file there; move "
+                        "it away or use another --workdir")
+
+
 def _check_writable(directory: str, workdir: str, flag: str) -> None:
   """ConfigError if files cannot be created in ``directory`` (read-only mount, permissions)."""
   read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
@@ -116,6 +123,8 @@ def check_free_space(workdir: str, needed_bytes: int) -> None:
   """StorageError (exit 5) if the workdir's file system has less than ``needed_bytes`` free:
   a checkpoint of the state would not fit, so the run would fail at its first save."""
   import shutil  # pylint: disable=import-outside-toplevel
+  if storage.is_url(workdir):
+    return  # a bucket has no free space to measure; a failed write is a StorageError
   free = shutil.disk_usage(workdir).free
   if free < needed_bytes:
     raise StorageError(f"{workdir} has {_mib(free)} free, but a checkpoint of this run needs "
@@ -173,16 +182,32 @@ class WorkdirLock:
   judged (else puts it back without overwriting and reports the workdir as locked), and
   then creates its own lock with ``O_EXCL`` again.  Advisory ``flock`` is not used: it does
   not cross hosts on many shared file systems and not at all on bucket mounts.
+
+  On a bucket (``gs://`` workdir) the same protocol runs on GCS generation preconditions,
+  since objects have no rename, link or ``O_EXCL``: the lock object is created with
+  ``ifGenerationMatch=0`` (create-if-absent: of several creators exactly one succeeds); the
+  heartbeat rewrites it with ``ifGenerationMatch=<the generation this run wrote last>``, so
+  a heartbeat never revives a lock another run has taken over (it fails and warns); a stale
+  lock is deleted with ``ifGenerationMatch=<the generation judged stale>``, so a lock renewed
+  meanwhile is never removed; release deletes only this run's generation.  Its age is the
+  object's ``updated`` time (the store's clock) against this host's clock.  Stores that
+  ignore preconditions (``gcp-storage-emulator``, which the tests use, does) are detected
+  when the lock is taken; there the lock is checked for existence before it is created and
+  read back after, which refuses a run started while another holds the lock but cannot
+  order two runs started within the same few milliseconds -- a warning says so.
   """
 
   def __init__(self, workdir: str, *, heartbeat_seconds: float = 30.0,
                stale_seconds: float = 300.0):
     self.workdir = workdir
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = storage.join(workdir, LOCK_FILE)
+    self.on_bucket = storage.is_url(workdir)
     self.heartbeat_seconds, self.stale_seconds = heartbeat_seconds, stale_seconds
     self.token = uuid.uuid4().hex
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
+    self._generation: int | None = None   # on a bucket: the lock object's generation
+    self.preconditions = True              # on a bucket: whether the store honours them
     self.held = False
 
   def _record(self) -> dict:
@@ -194,16 +219,26 @@ class WorkdirLock:
 
   def acquire(self) -> "WorkdirLock":
     """Takes the lock or raises :class:`WorkdirLockedError` naming the holder."""
+    if self.on_bucket:
+      self.preconditions = storage.honours_preconditions(self.path)
+      if not self.preconditions:
+        log.warning("the store of %s ignores generation preconditions (an emulator?): the "
+                    "workdir lock refuses runs started while one holds it, but two runs "
+                    "started at the same instant may both get it", self.workdir)
     for _ in range(5):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        if self.on_bucket and not self.preconditions and storage.exists(self.path):
+          raise FileExistsError(self.path)
+        self._generation = storage.create_exclusive(self.path,
+                                                    json.dumps(self._record()).encode())
       except FileExistsError:
         self._take_over_if_stale()
         continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(self._record(), f)
-        f.flush()
-        os.fsync(f.fileno())
+      if self.on_bucket:
+        found = self._read(self.path)
+        if found is None or found[0].get("token") != self.token:
+          raise WorkdirLockedError(f"{self.workdir} was just locked by another run; use "
+                                   "another --workdir or wait for it to finish")
       self.held = True
       self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
       self._thread.start()
@@ -211,19 +246,24 @@ class WorkdirLock:
     raise WorkdirLockedError(f"{self.workdir} is locked: its lock file {self.path} keeps "
                              "changing hands; another run is starting there")
 
-  def _read(self, path: str) -> tuple[dict, float] | None:
-    """(owner record, seconds since its last heartbeat), or None if the file is gone."""
+  def _read(self, path: str) -> tuple[dict, float, int | None] | None:
+    """(owner record, seconds since its last heartbeat, generation on a bucket), or None if
+    the file is gone."""
     try:
-      age = time.time() - os.stat(path).st_mtime
-      with open(path) as f:
-        text = f.read()
+      if self.on_bucket:
+        data, mtime, generation = storage.read_with_generation(path)
+        text = data.decode("utf-8", "replace")
+      else:
+        mtime, generation = os.stat(path).st_mtime, None
+        with open(path) as f:
+          text = f.read()
     except FileNotFoundError:
       return None
     try:
       owner = json.loads(text)
     except ValueError:
       owner = {}  # being written right now, or cut by a crash: judged by its age alone
-    return (owner if isinstance(owner, dict) else {}), age
+    return (owner if isinstance(owner, dict) else {}), time.time() - mtime, generation
 
   def stale_reason(self, owner: dict, age: float) -> str | None:
     """Why the lock of ``owner`` (last touched ``age`` seconds ago) is stale, or None."""
@@ -241,13 +281,23 @@ class WorkdirLock:
     found = self._read(self.path)
     if found is None:
       return  # released meanwhile: try to create it again
-    owner, age = found
+    owner, age, generation = found
     reason = self.stale_reason(owner, age)
     if reason is None:
       raise WorkdirLockedError(
           f"{self.workdir} is in use by another run ({_describe_owner(owner, age)}); wait "
           f"for it to finish or stop it, or use another --workdir (if no such run exists, "
           f"delete {self.path})")
+    if self.on_bucket:
+      try:   # only the very version judged stale: a renewed or replaced lock stays
+        storage.remove_if_generation(self.path, generation)
+      except FileNotFoundError:
+        return  # another contender took it first
+      except FileExistsError:
+        raise WorkdirLockedError(f"{self.workdir} was just locked by another run; use "
+                                 "another --workdir or wait for it to finish") from None
+      log.warning("took over the stale lock of %s: %s", self.workdir, reason)
+      return
     aside = f"{self.path}.stale-{self.token}"
     try:
       os.rename(self.path, aside)
@@ -267,17 +317,35 @@ class WorkdirLock:
     os.remove(aside)
     log.warning("took over the stale lock of %s: %s", self.workdir, reason)
 
+  def _touch(self) -> bool:
+    """Refreshes the heartbeat if the lock is still this run's; returns whether it is."""
+    if self.on_bucket:
+      try:
+        self._generation = storage.replace_if_generation(
+            self.path, json.dumps(self._record()).encode(), self._generation)
+      except (FileExistsError, FileNotFoundError):
+        return False
+      if self.preconditions:
+        return True
+      found = self._read(self.path)   # without preconditions: check what was overwritten
+      return found is not None and found[0].get("token") == self.token
+    with open(self.path) as f:
+      mine = json.load(f).get("token") == self.token
+    if mine:
+      os.utime(self.path)
+    return mine
+
   def _beat(self) -> None:
     warned = False
     while not self._stop.wait(self.heartbeat_seconds):
       try:
-        with open(self.path) as f:
-          mine = json.load(f).get("token") == self.token
-        if mine:
-          os.utime(self.path)
+        if self._touch():
           continue
       except (OSError, ValueError):
         pass
+      except Exception as e:  # pylint: disable=broad-except  (HTTP errors of the store)
+        log.warning("heartbeat of the lock %s failed: %s", self.path, e)
+        continue
       if not warned:
         log.warning("the lock file %s was removed or replaced while this run holds it; "
                     "another run may be writing the same workdir", self.path)
@@ -292,10 +360,15 @@ class WorkdirLock:
       self._thread.join(timeout=5)
     self.held = False
     try:
+      if self.on_bucket:
+        found = None if self.preconditions else self._read(self.path)
+        if found is None or found[0].get("token") == self.token:
+          storage.remove_if_generation(self.path, self._generation)
+        return
       with open(self.path) as f:
         if json.load(f).get("token") == self.token:
           os.remove(self.path)
-    except (OSError, ValueError):
+    except Exception:  # pylint: disable=broad-except  (gone, replaced, or the store failed)
       pass
 
   def __enter__(self) -> "WorkdirLock":
@@ -316,28 +389,15 @@ def _describe_owner(owner: dict, age: float) -> str:
 # JSON-lines repair.
 # ----------------------------------------------------------------------------------------
 def write_atomic(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` through a synced temporary file renamed over it, so a crash
-  leaves the old file or the new one, never a part."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes ``data`` to ``path`` so that a crash leaves the old file or the new one, never a
+  part (a synced temporary file renamed over it; on ``gs://`` one upload)."""
+  storage.write_atomic(path, data)
 
 
 def _complete_lines(path: str) -> tuple[bytes, list[bytes]]:
   """(the file's bytes, its complete lines): the part after the last newline is empty, or a
   record cut by a crash while it was written, and is left out."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = storage.read_bytes(path)
   return data, data.split(b"\n")[:-1]
 
 
@@ -361,7 +421,7 @@ def repair_jsonl(path: str, keep: Callable[[dict], bool],
   """Rewrites ``path`` (atomically) with only its complete, parseable records for which
   ``keep(record)`` holds, and for each ``key(record)`` only the last such record; returns
   those records.  A file that needs no change is not rewritten; a missing one is none."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
   data, lines = _complete_lines(path)
   records = []

@@ -11,7 +11,7 @@ import tarfile
 import jax
 import numpy as np
 
-from resnorm_jax import config as config_lib, parallelism, training
+from resnorm_jax import config as config_lib, parallelism, storage, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,10 +67,10 @@ def read_state(workdir):
   config = config_lib.base_config()
   config.update_from_flattened_dict(
       {k: (tuple(v) if isinstance(v, list) else v) for k, v in _flatten(
-          json.load(open(os.path.join(workdir, "config.json")))).items()})
+          json.loads(storage.read_text(storage.join(workdir, "config.json")))).items()})
   from resnorm_jax import checkpointing
   task = training.build_task(config, parallelism.make_mesh(1))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3,
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), keep=3,
                                     every_steps=0)
   step, state = ckpt.restore(training.abstract_state(task))
   ckpt.close()

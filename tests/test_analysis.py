@@ -481,5 +481,6 @@ def test_cli_url_workdir_is_one_line_exit_2():
   proc = analyze("--config=configs/moments.py:tiny", workdir="s3://bucket/moments")
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and "--workdir=s3://bucket/moments is a URL" in lines[0], lines
+  assert len(lines) == 1 and ("--workdir=s3://bucket/moments: the scheme s3:// is not "
+                              "supported") in lines[0], lines
   assert not os.path.exists(os.path.join(REPO, "s3:"))

@@ -421,7 +421,7 @@ def test_a_task_of_the_array_with_a_bad_index_is_one_line(tmp_path, capsys):
     (["--variants=identity", "--collect"], "--collect tabulates every run in --workdir; "
                                            "drop --variants"),
     (["--variants=identity", "--config.train.stps=3"], "no config key 'stps'"),
-    (["--variants=identity", "--workdir=gs://b/sweep"], "is a URL"),
+    (["--variants=identity", "--workdir=s3://b/sweep"], "the scheme s3:// is not supported"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
   argv = ["resnorm-sweep", f"--config={SHORTCUTS}", f"--workdir={tmp_path}"] + args

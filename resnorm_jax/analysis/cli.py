@@ -23,6 +23,7 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
+from resnorm_jax import storage
 from resnorm_jax.errors import EXIT_USAGE, ConfigError
 from resnorm_jax.train import PACKAGE_ROOT, describe_error, run_command, run_guarded
 
@@ -83,10 +84,7 @@ def json_safe(value):
 
 
 def write_json(path: str, payload: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(json_safe(payload), f, indent=1, allow_nan=False)
-  os.replace(tmp, path)
+  storage.write_atomic(path, json.dumps(json_safe(payload), indent=1, allow_nan=False))
 
 
 def log(message: str) -> None:
@@ -104,13 +102,13 @@ def plot_layer_stats(run: str, workdir: str | None) -> None:
   from resnorm_jax import layer_stats
   from resnorm_jax.analysis import plots
   from resnorm_jax.metrics import read_metrics
-  path = os.path.join(run, layer_stats.FILENAME)
-  if not os.path.exists(path):
+  path = storage.join(run, layer_stats.FILENAME)
+  if not storage.exists(path):
     fail(f"{path} does not exist; train with --config.train.layer_stats_every_steps=N "
          "(N > 0) to write it")
-  os.makedirs(workdir or run, exist_ok=True)
+  storage.makedirs(workdir or run)
   for png in plots.layer_stats_figures(read_metrics(run, layer_stats.FILENAME),
-                                       workdir or run, title=os.path.abspath(run)):
+                                       workdir or run, title=storage.abspath(run)):
     print(f"  figure   {png}")
 
 
@@ -137,7 +135,7 @@ def main(argv):
     workdir_lib.check_workdir(workdir, parent_must_exist=explicit)
   except ConfigError as e:
     fail(str(e))
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
 
   def analyze():
     with workdir_lib.WorkdirLock(workdir):
@@ -158,7 +156,7 @@ def _analyze(config, module, workdir: str) -> None:
                              "device": device.device_kind, "prng": common.PRNG_IMPL,
                              "draw_batch": common.resolve_draw_batch(config.draw_batch)},
              "seconds": time.time() - start, **results}
-  path = os.path.join(workdir, "results.json")
+  path = storage.join(workdir, "results.json")
   write_json(path, payload)
   title = f"{config.analysis} ({config_name()}, {config.draws} draws)"
   pngs = figures(config.analysis, results, workdir, title)

@@ -3,9 +3,11 @@ between the 10th and 90th percentiles over draws."""
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+
+from resnorm_jax import storage
 
 
 def _pyplot():
@@ -31,12 +33,14 @@ def _colors(n):
 
 def _save(fig, workdir, name, title=""):
   """Writes ``fig`` (with ``title`` over its panels, when given) as ``workdir/name``."""
-  path = os.path.join(workdir, name)
+  path = storage.join(workdir, name)
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=150)
+  buffer = io.BytesIO()      # rendered in memory, then one write: a local file or an object
+  fig.savefig(buffer, format="png", dpi=150)
   _pyplot().close(fig)
+  storage.write_atomic(path, buffer.getvalue())
   return path
 
 
@@ -215,8 +219,6 @@ def sweep_figure(rows: list[dict], workdir: str, title: str = "",
   metric = rows[0]["metric"] if rows else "error"
   ax.set_xlabel("final test BLEU" if metric == "bleu" else "final test error (%)")
   ax.grid(axis="x", alpha=0.3)
-  # Written under a temporary name and renamed: array tasks of one sweep may write it at once.
-  tmp = _save(fig, workdir, f".{name}.{os.getpid()}.tmp.png", title)
-  path = os.path.join(workdir, name)
-  os.replace(tmp, path)
-  return path
+  # Written atomically (a temporary file renamed; on a bucket one upload): array tasks of
+  # one sweep may write it at once.
+  return _save(fig, workdir, name, title)

@@ -40,6 +40,7 @@ from typing import Callable
 
 import numpy as np
 
+from resnorm_jax import storage
 from resnorm_jax.registry import ConfigError, Registry
 
 TRANSLATION_DATASETS = Registry("translation data set")
@@ -88,8 +89,9 @@ def _toy(arg, config) -> TextCorpus:
 
 
 def read_lines(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    return [line.rstrip("\n").strip() for line in f]
+  text = storage.read_bytes(path).decode("utf-8")   # a local file or an object
+  lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as open() reads
+  return [line.strip() for line in (lines[:-1] if lines[-1] == "" else lines)]
 
 
 IWSLT_FILES = ("train.en", "train.vi", "tst2013.en", "tst2013.vi")
@@ -99,7 +101,7 @@ IWSLT_FILES = ("train.en", "train.vi", "tst2013.en", "tst2013.vi")
     "iwslt15_envi", "IWSLT'15 English->Vietnamese from the standard files train.{en,vi}, "
     "tst2013.{en,vi} in data.data_dir (test: tst2013)")
 def _iwslt15(arg, config) -> TextCorpus:
-  root = os.path.join(os.path.expanduser(config.data.data_dir or "."), "iwslt15_envi")
+  root = storage.join(os.path.expanduser(config.data.data_dir or "."), "iwslt15_envi")
   if _latest_version_dir(root) is not None:   # prepared by resnorm_jax/tasks/translation/iwslt15.py's builder
     return read_tfds_translation(config.data.data_dir or ".", "iwslt15_envi", "en", "vi")
   return read_iwslt15(config.data.data_dir)
@@ -108,7 +110,7 @@ def _iwslt15(arg, config) -> TextCorpus:
 def read_iwslt15(data_dir: str) -> TextCorpus:
   """Reads the Stanford NMT release of IWSLT'15 EN-VI (``train.*``, ``tst2013.*``)."""
   directory = os.path.expanduser(data_dir or ".")
-  missing = [f for f in IWSLT_FILES if not os.path.isfile(os.path.join(directory, f))]
+  missing = [f for f in IWSLT_FILES if not storage.isfile(storage.join(directory, f))]
   if missing:
     raise ConfigError(
         f"data.name=iwslt15_envi: {', '.join(missing)} missing in data.data_dir="
@@ -118,8 +120,8 @@ def read_iwslt15(data_dir: str) -> TextCorpus:
         "--data_dir=DIR` also prepares them as a TFDS data set), then rerun")
   splits = []
   for split in ("train", "tst2013"):
-    src, tgt = (read_lines(os.path.join(directory, f"{split}.{lang}")) for lang in ("en", "vi"))
-    check_parallel(src, tgt, os.path.join(directory, f"{split}.{{en,vi}}"))
+    src, tgt = (read_lines(storage.join(directory, f"{split}.{lang}")) for lang in ("en", "vi"))
+    check_parallel(src, tgt, storage.join(directory, f"{split}.{{en,vi}}"))
     splits.append((src, tgt))
   return TextCorpus("iwslt15_envi", "en", "vi", splits[0], splits[1])
 
@@ -135,17 +137,17 @@ def _wmt14(arg, config) -> TextCorpus:
 
 
 def _latest_version_dir(root: str) -> str | None:
-  if not os.path.isdir(root):
+  if not storage.isdir(root):
     return None
-  versions = [v for v in os.listdir(root)
-              if os.path.isfile(os.path.join(root, v, "dataset_info.json"))]
+  versions = [v for v in storage.listdir(root)
+              if storage.isfile(storage.join(root, v, "dataset_info.json"))]
   key = lambda v: tuple(int(p) if p.isdigit() else 0 for p in v.split("."))
-  return os.path.join(root, max(versions, key=key)) if versions else None
+  return storage.join(root, max(versions, key=key)) if versions else None
 
 
 def read_tfds_translation(data_dir: str, name: str, source: str, target: str) -> TextCorpus:
   """Reads a prepared TFDS translation data set through its ArrayRecord data source."""
-  root = os.path.join(os.path.expanduser(data_dir or "~/tensorflow_datasets"), name)
+  root = storage.join(os.path.expanduser(data_dir or "~/tensorflow_datasets"), name)
   how = (f"Prepare it once on a machine with TensorFlow: `pip install tensorflow "
          f"tensorflow-datasets && python -c \"import tensorflow_datasets as tfds; "
          f"tfds.builder('{name}', data_dir='{data_dir or '~/tensorflow_datasets'}', "
@@ -185,6 +187,14 @@ def train_sentencepiece(sentences: list[str], vocab_size: int, model_path: str,
   language) end with fewer pieces than ``vocab_size``.
   """
   import sentencepiece as spm
+  if storage.is_url(model_path):   # trained in a local directory, then copied to the store
+    import tempfile  # pylint: disable=import-outside-toplevel
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, "spm.model")
+      train_sentencepiece(sentences, vocab_size, local, max_sentences)
+      storage.copy(local[:-len(".model")] + ".vocab", model_path[:-len(".model")] + ".vocab")
+      storage.copy(local, model_path)
+    return
   os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(sentences), model_prefix=model_path[:-len(".model")],
@@ -199,12 +209,12 @@ def load_or_train_sentencepiece(corpus: TextCorpus, vocab_size: int, workdir: st
   """``<workdir>/spm.model``: trained on the training text of both sides if absent (by the
   main process; the others wait at ``barrier``), then loaded.  Resumed runs reuse it."""
   import sentencepiece as spm
-  path = os.path.join(workdir, "spm.model")
-  if is_main and not os.path.exists(path):
+  path = storage.join(workdir, "spm.model")
+  if is_main and not storage.exists(path):
     train_sentencepiece(corpus.train[0] + corpus.train[1], vocab_size, path)
   if barrier is not None:
     barrier()
-  processor = spm.SentencePieceProcessor(model_file=path)
+  processor = spm.SentencePieceProcessor(model_proto=storage.read_bytes(path))
   if processor.get_piece_size() > vocab_size:
     raise ConfigError(f"{path} has {processor.get_piece_size()} pieces, more than "
                       f"model.vocab_size={vocab_size}; use another workdir")

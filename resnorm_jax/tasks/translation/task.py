@@ -20,14 +20,12 @@ process, and process 0 writes ``<workdir>/translations/step_<n>.txt`` (test-set 
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnorm_jax import models, parallelism
+from resnorm_jax import models, parallelism, storage
 from resnorm_jax.models.transformer import (label_smoothed_cross_entropy, padding_mask,
                                             shift_right, target_mask)
 from resnorm_jax.tasks import TASKS
@@ -153,10 +151,10 @@ class Translation(Task):
     hypotheses = self.translate(state)
     bleu = corpus_bleu(hypotheses, self.references)
     if jax.process_index() == 0:
-      directory = os.path.join(self.workdir, "translations")
-      os.makedirs(directory, exist_ok=True)
-      with open(os.path.join(directory, f"step_{step}.txt"), "w", encoding="utf-8") as f:
-        f.write("".join(h + "\n" for h in hypotheses))
+      directory = storage.join(self.workdir, "translations")
+      storage.makedirs(directory)
+      storage.write_atomic(storage.join(directory, f"step_{step}.txt"),
+                           "".join(h + "\n" for h in hypotheses))
     return {"bleu": bleu, "sentences": float(len(hypotheses))}
 
   @staticmethod

@@ -1,0 +1,484 @@
+"""gs:// workdirs and data against a real local GCS server (gcp-storage-emulator).
+
+The emulator (tests/gcs_emulator.py: gcp-storage-emulator with the generation headers of
+downloads that GCS sends and it omits) runs as its own process on 127.0.0.1 and a free
+port for the whole session;
+``STORAGE_EMULATOR_HOST`` sends gcsfs (behind etils.epath) there and
+``TENSORSTORE_GCS_HTTP_URL`` sends orbax's tensorstore there, in this process and in every
+command the tests start.  Nothing is mocked: objects really go over HTTP to the server.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from helpers import (CLI_TINY, REPO, cifar_records, fast_compile_options, read_state,
+                     tiny_config, train_cli, write_tarball)
+from resnorm_jax import checkpointing, config as config_lib, data as data_lib, errors
+from resnorm_jax import storage, training, workdir as workdir_lib
+from resnorm_jax.errors import ConfigError, WorkdirLockedError
+from resnorm_jax.metrics import MetricWriter, read_metrics
+
+BUCKET = "resnorm-test"
+LOCK = workdir_lib.LOCK_FILE
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_emulator(bucket: str) -> tuple[subprocess.Popen, int]:
+  """A GCS emulator process on a free port of 127.0.0.1 holding ``bucket``; (process, port)."""
+  pytest.importorskip("gcp_storage_emulator")
+  port = _free_port()
+  server = subprocess.Popen(   # gcp-storage-emulator (see tests/gcs_emulator.py)
+      [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(port), bucket],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  deadline = time.time() + 30
+  while True:
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      return server, port
+    except OSError:
+      assert server.poll() is None and time.time() < deadline, "emulator did not start"
+      time.sleep(0.1)
+
+
+def emulator_env(port: int) -> dict:
+  return {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+          "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
+          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator process with bucket ``BUCKET``; yields ``gs://BUCKET``."""
+  server, port = start_emulator(BUCKET)
+  env = emulator_env(port)
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    yield f"gs://{BUCKET}"
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture
+def gdir(gcs):
+  """A fresh directory in the bucket."""
+  return f"{gcs}/{uuid.uuid4().hex[:10]}"
+
+
+def _error_lines(stderr):
+  return [l for l in stderr.splitlines() if l.strip()]
+
+
+# ----------------------------------------------------------------------------------------
+# The path layer.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_files_roundtrip_through_one_layer(tmp_path, gdir, where):
+  root = str(tmp_path) if where == "local" else gdir
+  storage.makedirs(storage.join(root, "sub"))
+  storage.write_atomic(storage.join(root, "sub", "a.json"), '{"x": 1}\n')
+  storage.write_bytes(storage.join(root, "b.bin"), b"\x00\x01")
+  assert storage.read_text(storage.join(root, "sub", "a.json")) == '{"x": 1}\n'
+  assert storage.read_bytes(storage.join(root, "b.bin")) == b"\x00\x01"
+  assert storage.listdir(root) == ["b.bin", "sub"]
+  assert storage.isdir(storage.join(root, "sub")) and storage.isfile(storage.join(root, "b.bin"))
+  assert not storage.exists(storage.join(root, "missing"))
+  assert storage.listdir(storage.join(root, "missing")) == []
+  storage.copy(storage.join(root, "b.bin"), storage.join(root, "c.bin"))
+  assert storage.read_bytes(storage.join(root, "c.bin")) == b"\x00\x01"
+  with storage.local_copy(storage.join(root, "c.bin")) as local:
+    assert open(local, "rb").read() == b"\x00\x01"
+  storage.remove(storage.join(root, "c.bin"))
+  assert not storage.exists(storage.join(root, "c.bin"))
+  if where == "local":   # (the emulator ignores preconditions: see the next test)
+    with pytest.raises(FileExistsError):
+      storage.create_exclusive(storage.join(root, "b.bin"), b"x")
+
+
+def test_the_emulator_ignores_generation_preconditions_and_that_is_detected(gdir):
+  # GCS refuses ifGenerationMatch=0 on an existing object (412); gcp-storage-emulator
+  # overwrites it.  The workdir lock needs to know which (see WorkdirLock's docstring).
+  path = storage.join(gdir, "object")
+  storage.create_exclusive(path, b"first")
+  storage.create_exclusive(path, b"second")          # a real bucket raises FileExistsError
+  assert storage.read_bytes(path) == b"second"
+  storage.replace_if_generation(path, b"third", 1)    # so is a stale compare-and-swap
+  assert storage.read_bytes(path) == b"third"
+  assert storage.honours_preconditions(gdir + "/probe") is False
+  assert not storage.exists(gdir + "/probe.precondition-probe")
+
+
+@pytest.mark.parametrize("path,message", [
+    ("s3://bucket/run", "the scheme s3:// is not supported"),
+    ("gs:///run", "names no bucket"),
+    ("gs://no-such-bucket-x/run", "the bucket gs://no-such-bucket-x does not exist"),
+])
+def test_bad_workdirs_are_config_errors(gcs, path, message):
+  with pytest.raises(ConfigError, match=message):
+    workdir_lib.check_workdir(path)
+
+
+def test_bad_bucket_is_one_line_exit_2_before_anything_is_compiled(gcs, tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, "-m", "resnorm_jax.train",
+                         "--workdir=gs://no-such-bucket-x/run", *CLI_TINY], cwd=tmp_path,
+                        env=env, capture_output=True, text=True, timeout=120)
+  err = proc.stderr
+  assert proc.returncode == errors.EXIT_USAGE, err
+  lines = _error_lines(err)
+  assert len(lines) == 1 and lines[0].startswith("resnorm-train: error: --workdir=gs://"
+                                                 "no-such-bucket-x/run: the bucket"), err
+  assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------
+# The lock on a bucket.
+# ----------------------------------------------------------------------------------------
+def test_lock_on_a_bucket_refuses_a_live_holder_beats_and_is_released(gdir):
+  with workdir_lib.WorkdirLock(gdir, heartbeat_seconds=0.2) as held:
+    assert held.on_bucket and not held.preconditions      # the emulator (see above)
+    record = json.loads(storage.read_text(held.path))
+    assert record["token"] == held.token and record["pid"] == os.getpid()
+    _, generation = storage.stat(held.path)
+    with pytest.raises(WorkdirLockedError, match=f"pid {os.getpid()} on"):
+      workdir_lib.WorkdirLock(gdir).acquire()
+    deadline = time.time() + 10
+    while storage.stat(held.path)[1] == generation and time.time() < deadline:
+      time.sleep(0.05)
+    assert storage.stat(held.path)[1] != generation          # the heartbeat rewrote it
+    assert json.loads(storage.read_text(held.path))["token"] == held.token
+  assert not storage.exists(held.path)
+  assert storage.listdir(gdir) == []
+
+
+def test_stale_locks_on_a_bucket_are_taken_over(gdir):
+  path = storage.join(gdir, LOCK)
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  probe = workdir_lib.WorkdirLock(gdir)
+  # A killed run on this host: taken over at once.
+  storage.write_atomic(path, json.dumps(dict(probe._record(), pid=dead.pid, token="dead")))
+  with workdir_lib.WorkdirLock(gdir) as taken:
+    assert json.loads(storage.read_text(path))["token"] == taken.token
+  # A run on another host without a heartbeat for longer than stale_seconds.
+  storage.write_atomic(path, json.dumps(dict(probe._record(), host="elsewhere",
+                                             token="far")))
+  with pytest.raises(WorkdirLockedError, match="in use by another run"):
+    workdir_lib.WorkdirLock(gdir, stale_seconds=60).acquire()
+  time.sleep(1.5)
+  with workdir_lib.WorkdirLock(gdir, stale_seconds=1) as taken:
+    assert json.loads(storage.read_text(path))["token"] == taken.token
+  assert storage.listdir(gdir) == []
+
+
+# ----------------------------------------------------------------------------------------
+# JSON lines and checkpoints on a bucket.
+# ----------------------------------------------------------------------------------------
+def test_metrics_on_a_bucket_are_uploaded_whole_and_repaired_on_resume(gdir):
+  writer = MetricWriter(gdir, tensorboard=True)
+  for step in (1, 2, 3):
+    writer.write(step, "train", {"loss": 1.0 / step})
+  assert not storage.exists(writer.path)     # no append on an object store: kept until...
+  writer.sync()                              # ...a checkpoint is saved
+  assert [r["step"] for r in read_metrics(gdir)] == [1, 2, 3]
+  writer.write(4, "train", {"loss": 0.25})
+  writer.write(3, "train", {"loss": 9.0})    # written again: replaces the old record
+  writer.close()
+  records = read_metrics(gdir)
+  assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.5), (4, 0.25),
+                                                       (3, 9.0)]
+  assert storage.glob(storage.join(gdir, "tensorboard"), "events.out.tfevents.*")
+  # A cut last line (a crash of a local writer, a hand edit) and steps after the checkpoint
+  # are dropped when a resumed run opens the file.
+  storage.write_atomic(writer.path, storage.read_bytes(writer.path) + b'{"step": 5, "spl')
+  resumed = MetricWriter(gdir, tensorboard=False, resume_step=2)
+  resumed.write(3, "train", {"loss": 0.3})
+  resumed.close()
+  assert [(r["step"], r["loss"]) for r in read_metrics(gdir)] == [(1, 1.0), (2, 0.5),
+                                                                  (3, 0.3)]
+
+
+def _tree(seed):
+  rng = np.random.default_rng(seed)
+  return {"w": jax.numpy.asarray(rng.normal(size=(4, 3)).astype(np.float32)),
+          "step": np.int32(seed)}
+
+
+def test_a_checkpoint_without_its_commit_marker_is_never_taken_as_complete(gdir):
+  # On GCS orbax writes a step in place and marks it complete with commit_success.txt last;
+  # a write cut by a store error leaves a step without the marker.
+  directory = storage.join(gdir, "checkpoints")
+  with checkpointing.Checkpointer(directory, keep=5, every_steps=1) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _tree(step), force=True)
+    ckpt.wait()
+  assert storage.listdir(storage.join(directory, "2")).count("commit_success.txt") == 1
+  storage.remove(storage.join(directory, "2", "commit_success.txt"))
+  with checkpointing.Checkpointer(directory, keep=5, every_steps=1) as ckpt:
+    assert ckpt.all_steps() == [1]
+    step, tree = ckpt.restore(_tree(0))
+  assert step == 1
+  np.testing.assert_array_equal(tree["w"], _tree(1)["w"])
+
+
+def test_an_unreadable_newest_checkpoint_on_a_bucket_falls_back(gdir):
+  directory = storage.join(gdir, "checkpoints")
+  with checkpointing.Checkpointer(directory, keep=5, every_steps=1) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _tree(step), force=True)
+    ckpt.wait()
+  data = [p for p in storage.files_under(storage.join(directory, "2")) if "/d/" in p]
+  assert data
+  for p in data:
+    storage.remove(p)
+  with checkpointing.Checkpointer(directory, keep=5, every_steps=1) as ckpt:
+    step, tree = ckpt.restore(_tree(0))
+  assert step == 1
+  np.testing.assert_array_equal(tree["w"], _tree(1)["w"])
+
+
+# ----------------------------------------------------------------------------------------
+# Training into a bucket.
+# ----------------------------------------------------------------------------------------
+def test_a_run_in_a_bucket_resumed_equals_a_local_run_bitwise(tmp_path, gdir):
+  with fast_compile_options():
+    local = training.train_and_evaluate(tiny_config(**{"train.steps": 6}), str(tmp_path))
+    first = training.train_and_evaluate(tiny_config(**{"train.steps": 3}), gdir)
+    assert first["status"] == "completed" and first["step"] == 3
+    second = training.train_and_evaluate(tiny_config(**{"train.steps": 6}), gdir)
+  assert second["start_step"] == 3 and second["resume_changes"]   # train.steps changed
+  chex.assert_trees_all_equal(jax.device_get(local["state"]), jax.device_get(second["state"]))
+  step, state = read_state(gdir)
+  assert step == 6
+  chex.assert_trees_all_equal(jax.device_get(local["state"].params), state.params)
+  assert storage.exists(storage.join(gdir, "config.before_resume_1.json"))
+  ref = {(r["step"], r["split"]): r["loss"] for r in read_metrics(str(tmp_path))}
+  got = {(r["step"], r["split"]): r["loss"] for r in read_metrics(gdir)}
+  assert got.pop((3, "eval")) and got == ref   # + the first run's final evaluation
+  assert not storage.exists(storage.join(gdir, LOCK))
+  # A model change is refused as on a local disk.
+  with pytest.raises(ConfigError, match="model.width: checkpoint has 4, this run has 8"):
+    training.train_and_evaluate(tiny_config(**{"train.steps": 6, "model.width": 8}), gdir)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_in_a_bucket_equals_a_local_run_bitwise(tmp_path, gdir):
+  steps = ["--config.train.steps=200", "--config.checkpoint.every_steps=20"]
+  reference = train_cli(tmp_path / "local", *steps)
+  run = train_cli(gdir, *steps)
+  marker = storage.join(gdir, "checkpoints", "20", "commit_success.txt")
+  deadline = time.time() + 180
+  while not storage.exists(marker) and run.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  run.send_signal(signal.SIGTERM)
+  out, err = run.communicate(timeout=180)
+  assert run.returncode == errors.EXIT_PREEMPTED, err[-3000:]
+  assert "SIGTERM received" in err and "Traceback" not in err
+  assert not storage.exists(storage.join(gdir, LOCK))
+  stopped_at, _ = read_state(gdir)
+  assert 20 <= stopped_at < 200
+  # Every train record up to the saved step was uploaded with the checkpoint.
+  assert sorted(r["step"] for r in read_metrics(gdir)
+                if r["split"] == "train") == list(range(1, stopped_at + 1))
+  resumed = train_cli(gdir, *steps)
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err[-3000:]
+  assert f"resumed from step {stopped_at}" in out
+  assert reference.wait(timeout=300) == 0
+  step_a, a = read_state(tmp_path / "local")
+  step_b, b = read_state(gdir)
+  assert step_a == step_b == 200
+  chex.assert_trees_all_equal(a.params, b.params)
+  chex.assert_trees_all_equal(a.batch_stats, b.batch_stats)
+  chex.assert_trees_all_equal(a.opt_state, b.opt_state)
+  ref = read_metrics(str(tmp_path / "local"))
+  got = read_metrics(gdir)
+  assert sorted(r["step"] for r in got if r["split"] == "train") == list(range(1, 201))
+  assert ({(r["step"], r["split"]): r["loss"] for r in got}
+          == {(r["step"], r["split"]): r["loss"] for r in ref})
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_bucket(tmp_path, gdir):
+  env = dict(os.environ, DEVICES_PER_PROCESS="4", PYTHON=sys.executable, PYTHONUNBUFFERED="1",
+             PORT=str(_free_port()), LOG_DIR=str(tmp_path / "logs"))
+  single = [f for f in CLI_TINY if not f.startswith("--config.parallel.num_devices")]
+  proc = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), "2",
+                         f"--workdir={gdir}", *single, "--config.train.steps=4"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "completed at step 4" in proc.stdout
+  assert sorted(os.listdir(tmp_path / "logs")) == ["process_0.log", "process_1.log"]
+  # One metrics file, from process 0 only: one train record per step.
+  records = read_metrics(gdir)
+  assert sorted(r["step"] for r in records if r["split"] == "train") == [1, 2, 3, 4]
+  step, _ = read_state(gdir)
+  assert step == 4
+  assert not storage.exists(storage.join(gdir, LOCK))
+  # The same run in one local process on 8 devices: the same result.
+  env.update(DEVICES_PER_PROCESS="8", PORT=str(_free_port()))
+  proc = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), "1",
+                         f"--workdir={tmp_path / 'one'}", *single, "--config.train.steps=4"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  _, two = read_state(gdir)
+  _, one = read_state(tmp_path / "one")
+  chex.assert_trees_all_close(two.params, one.params, atol=2e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# Data from a bucket.
+# ----------------------------------------------------------------------------------------
+def test_cifar_tarball_read_from_a_bucket_equals_the_local_one(tmp_path, gdir):
+  members = {}
+  for i in range(1, 6):
+    members[f"cifar-10-batches-bin/data_batch_{i}.bin"] = cifar_records(4, 1, 10, seed=i)[0]
+  members["cifar-10-batches-bin/test_batch.bin"] = cifar_records(3, 1, 10, seed=9)[0]
+  write_tarball(tmp_path / "cifar-10-binary.tar.gz", members)
+  storage.copy(tmp_path / "cifar-10-binary.tar.gz",
+               storage.join(gdir, "cifar-10-binary.tar.gz"))
+  configs = []
+  for data_dir in (str(tmp_path), gdir):
+    c = config_lib.base_config()
+    c.data.name, c.data.data_dir, c.data.source = "cifar10", data_dir, "tarball"
+    configs.append(c)
+  local, remote = (data_lib.load_dataset(c) for c in configs)
+  np.testing.assert_array_equal(local.train_images, remote.train_images)
+  np.testing.assert_array_equal(local.test_labels, remote.test_labels)
+
+
+def test_iwslt_files_and_the_sentencepiece_model_in_a_bucket(tmp_path, gdir):
+  from resnorm_jax.tasks.translation import corpora
+  text = {"train.en": "a b c\r\nd e\n", "train.vi": "x y\nz\n", "tst2013.en": "q\n",
+          "tst2013.vi": "w\n"}
+  for name, body in text.items():
+    storage.write_text(storage.join(gdir, "data", name), body)
+    (tmp_path / name).write_text(body, newline="")
+  remote, local = corpora.read_iwslt15(storage.join(gdir, "data")), \
+      corpora.read_iwslt15(str(tmp_path))
+  assert remote.train == local.train == (["a b c", "d e"], ["x y", "z"])
+  assert remote.test == local.test
+  corpus = corpora.TextCorpus("t", "en", "vi", (["a b c d"] * 50, ["x y z w"] * 50),
+                              (["a"], ["x"]))
+  sp = corpora.load_or_train_sentencepiece(corpus, 16, storage.join(gdir, "run"))
+  assert storage.exists(storage.join(gdir, "run", "spm.model"))
+  again = corpora.load_or_train_sentencepiece(corpus, 16, storage.join(gdir, "run"))
+  assert sp.encode("a b") == again.encode("a b")
+
+
+# ----------------------------------------------------------------------------------------
+# Sweep and analysis into a bucket.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_sweep_writes_its_runs_and_results_to_a_bucket(gdir):
+  from resnorm_jax import sweep
+  shortcuts = os.path.join(REPO, "configs", "he2016_shortcuts.py")
+  tiny = CLI_TINY + ["--config.train.steps=2", "--config.train.warmup_steps=0"]
+  with fast_compile_options():
+    assert sweep.main(["resnorm-sweep", f"--config={shortcuts}", "--variants=identity",
+                       "--seeds=1", f"--workdir={gdir}"] + tiny) == 0
+  rows = json.loads(storage.read_text(storage.join(gdir, "results.json")))["rows"]
+  assert rows[0]["variant"] == "identity" and rows[0]["n"] == 1
+  assert storage.exists(storage.join(gdir, "results.md"))
+  assert storage.read_bytes(storage.join(gdir, "results.png"))[:4] == b"\x89PNG"
+  assert json.loads(storage.read_text(
+      storage.join(gdir, "identity", "seed_0", "result.json")))["status"] == "completed"
+  # --collect reads the bucket back.
+  assert sweep.main(["resnorm-sweep", f"--workdir={gdir}", "--collect"]) == 0
+
+
+@pytest.mark.slow
+def test_an_analysis_writes_its_results_and_figures_to_a_bucket(gdir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "device_count" not in f)
+  proc = subprocess.run([sys.executable, "-m", "resnorm_jax.analysis",
+                         "--config=configs/moments.py:tiny", "--config.variants=bn_res",
+                         "--config.draws=1", f"--workdir={gdir}"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(storage.read_text(storage.join(gdir, "results.json")))
+  assert results["analysis"] == "moments"
+  for png in ("moments_chi.png", "moments_reff.png", "moments_kurtosis.png"):
+    assert storage.read_bytes(storage.join(gdir, png))[:4] == b"\x89PNG"
+  assert not storage.exists(storage.join(gdir, LOCK))
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_locked_bucket_workdir_is_exit_4_writing_nothing(gdir):
+  steps = ["--config.train.steps=2000", "--config.checkpoint.every_steps=1000"]
+  first = train_cli(gdir, *steps)
+  try:
+    deadline = time.time() + 120
+    while not storage.exists(storage.join(gdir, "config.json")) and time.time() < deadline:
+      assert first.poll() is None, first.communicate()[1][-3000:]
+      time.sleep(0.2)
+    lock = storage.read_bytes(storage.join(gdir, LOCK))
+    config = storage.read_bytes(storage.join(gdir, "config.json"))
+    second = train_cli(gdir, *steps)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == errors.EXIT_LOCKED, err[-3000:]
+    lines = [l for l in err.splitlines() if l.startswith("resnorm-train: error:")]
+    assert len(lines) == 1 and f"pid {first.pid} " in lines[0], err[-3000:]
+    # Nothing written: the lock still the first run's, its config untouched, no archive.
+    assert json.loads(storage.read_bytes(storage.join(gdir, LOCK)))["token"] == \
+        json.loads(lock)["token"]
+    assert storage.read_bytes(storage.join(gdir, "config.json")) == config
+    assert not storage.glob(gdir, "config.before_resume_*")
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=180)
+  assert first.returncode == errors.EXIT_PREEMPTED
+  assert not storage.exists(storage.join(gdir, LOCK))
+
+
+@pytest.mark.slow
+def test_a_store_that_fails_during_the_run_is_one_line_exit_5(tmp_path):
+  # A store of its own, stopped while the run trains: the save on SIGTERM cannot be written
+  # (gcsfs retries, then gives up), which is a storage failure, not a crash.
+  server, port = start_emulator("failing")
+  env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1", **emulator_env(port))
+  steps = ["--config.train.steps=5000", "--config.checkpoint.every_steps=5000"]
+  run = subprocess.Popen([sys.executable, "-m", "resnorm_jax.train",
+                          "--workdir=gs://failing/run", *CLI_TINY, *steps], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  import gcsfs
+  store = gcsfs.GCSFileSystem(endpoint_url=f"http://127.0.0.1:{port}", token="anon",
+                              skip_instance_cache=True, use_listings_cache=False)
+  try:
+    deadline = time.time() + 120
+    while not store.exists("failing/run/config.json") and time.time() < deadline:
+      assert run.poll() is None, run.communicate()[1][-3000:]
+      time.sleep(0.2)
+  finally:
+    server.kill()
+    server.wait()
+  time.sleep(2)
+  run.send_signal(signal.SIGTERM)
+  _, err = run.communicate(timeout=300)
+  assert run.returncode == errors.EXIT_STORAGE, err[-3000:]
+  lines = [l for l in err.splitlines() if l.startswith("resnorm-train: error:")]
+  assert len(lines) == 1 and "gs://failing/run" in lines[0], err[-3000:]
+  assert "the object store failed" in lines[0] and "Traceback" not in err, err[-3000:]
