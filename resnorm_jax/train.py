@@ -66,7 +66,25 @@ _PROG = ["resnorm-train"]  # the running command's name, set by run_command
 
 def fail(message: str, code: int = EXIT_USAGE):
   print(f"{_PROG[0]}: error: {message}", file=sys.stderr)
+  if code != EXIT_USAGE:
+    _quiet_closed_loop_at_exit()
   sys.exit(code)
+
+
+def _quiet_closed_loop_at_exit() -> None:
+  """After a failed run the interpreter may shut down while a storage thread (orbax's
+  checkpoint writer, gcsfs's I/O loop) still schedules a callback on its closed event loop;
+  Python then prints "Exception ignored ... RuntimeError: Event loop is closed" with a
+  traceback after our one-line error.  That one harmless shutdown report is dropped; any
+  other unraisable exception is printed as usual."""
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and \
+        "Event loop is closed" in str(unraisable.exc_value):
+      return
+    default(unraisable)
+  sys.unraisablehook = hook
 
 
 def describe_error(error: BaseException) -> str:
