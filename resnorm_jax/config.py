@@ -112,6 +112,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.translation.toy_test_size = 200
   c.translation.toy_vocab = 40
   c.translation.toy_max_words = 10
+  # Prepared token cache (resnorm_jax/tasks/translation/cache.py) and packing (packing.py).
+  c.translation.cache_dir = ""      # "" = the workdir; else shared by runs of the same data
+  c.translation.spm_sample_sentences = 1_000_000  # SentencePiece trains on at most this many
+  c.translation.spm_sample_seed = 0
+  c.translation.packing = False     # several pairs per row (segment ids, positions)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
@@ -315,3 +320,13 @@ def validate_translation(config: ml_collections.ConfigDict, replicas: int) -> No
                       f"{replicas * tr.max_length}")
   _positive(tr.length_penalty, "translation.length_penalty", allow_zero=True)
   _positive(tr.eval_max_sentences, "translation.eval_max_sentences", allow_zero=True)
+  if not isinstance(tr.spm_sample_sentences, int) or tr.spm_sample_sentences < 2:
+    raise ConfigError(f"translation.spm_sample_sentences={tr.spm_sample_sentences!r} must be "
+                      "an integer >= 2")
+  if not isinstance(tr.spm_sample_seed, int) or not 0 <= tr.spm_sample_seed < 2 ** 32:
+    raise ConfigError(f"translation.spm_sample_seed={tr.spm_sample_seed!r} must be an "
+                      "integer in [0, 2^32)")
+  if not isinstance(tr.packing, bool):
+    raise ConfigError(f"translation.packing={tr.packing!r} must be true or false")
+  if not isinstance(tr.cache_dir, str):
+    raise ConfigError(f"translation.cache_dir={tr.cache_dir!r} must be a path")

@@ -22,6 +22,7 @@ process, and process 0 writes ``<workdir>/translations/step_<n>.txt`` (test-set 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -31,16 +32,17 @@ import numpy as np
 from jax import lax
 
 from resnorm_jax import layer_stats as layer_stats_lib, models, parallelism
-from resnorm_jax.tasks.translation import decoding
-from resnorm_jax.tasks.translation import corpora
+from resnorm_jax.errors import ConfigError
+from resnorm_jax.tasks.translation import cache, corpora, decoding, packing
 from resnorm_jax.models.transformer import (label_smoothed_cross_entropy, padding_mask,
-                                            shift_right, target_mask)
+                                            shift_right, shift_right_segments, target_mask)
 from resnorm_jax.training import TrainState, apply_gradients, make_optimizer, resolve_guard
 
 
 def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_stats=False):
-  """``train_step(state, src, tgt) -> (state, metrics)``; src/tgt (R, L) int32 global arrays
-  (batch-sharded).  Dropout keys are a function of (seed, step[, replica]).  With
+  """``train_step(state, batch) -> (state, metrics)``; ``batch`` a dict of (R, L) int32
+  global arrays (batch-sharded): ``src``, ``tgt`` and, for packed rows, ``src_segments``,
+  ``tgt_segments``, ``src_positions``, ``tgt_positions``.  Dropout keys are a function of (seed, step[, replica]).  With
   ``layer_stats`` the same update also returns ``metrics["layer_stats"]``, activation
   moments over the real tokens of each side (:mod:`resnorm_jax.layer_stats`)."""
   seed_key = jax.random.key(config.train.seed)
@@ -51,23 +53,32 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_sta
   def make_fn(axis_name):
     model = model_for(axis_name)
 
-    def step_fn(state: TrainState, key, src, tgt):
+    def step_fn(state: TrainState, key, batch):
       if axis_name is not None:
         key = jax.random.fold_in(key, lax.axis_index(axis_name))
-
-      tgt_in = shift_right(tgt, corpora.BOS_ID)
+      src, tgt = batch["src"], batch["tgt"]
+      packed = {k: batch[k] for k in ("src_segments", "tgt_segments", "src_positions",
+                                      "tgt_positions") if k in batch}
+      if packed:
+        tgt_in = shift_right_segments(tgt, packed["tgt_segments"], corpora.BOS_ID,
+                                      corpora.PAD_ID)
+      else:
+        tgt_in = shift_right(tgt, corpora.BOS_ID)
       # N = the global batch's real target tokens; it does not depend on the parameters, so
       # the loss is divided before differentiating and the gradients come out of the
       # backward pass already normalized (no extra pass over a parameter-sized tree).
       count = jnp.sum(tgt != corpora.PAD_ID).astype(jnp.float32)
+      # Non-padding fraction of each side (packing's effect), over the global batch.
+      real = jnp.stack([jnp.sum(src != corpora.PAD_ID), jnp.sum(tgt != corpora.PAD_ID)])
+      size = jnp.float32(src.size)
       if axis_name is not None:
-        count = lax.psum(count, axis_name)
+        count, real, size = lax.psum((count, real, size), axis_name)
       denominator = jnp.maximum(count, 1.0)
 
       def loss_fn(params):
         logits, new_vars = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, src, tgt_in, train=True,
-            rngs={"dropout": key}, **layer_stats_lib.apply_kwargs(layer_stats))
+            rngs={"dropout": key}, **packed, **layer_stats_lib.apply_kwargs(layer_stats))
         loss_sum, _ = label_smoothed_cross_entropy(logits, tgt, corpora.PAD_ID,
                                                    smoothing)
         return loss_sum / denominator, new_vars
@@ -79,10 +90,12 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_sta
                                              new_vars.get("batch_stats", {}),
                                              stop_on_nonfinite, guard)
       metrics = dict(loss=loss, tokens=count, grad_norm=grad_norm,
-                     learning_rate=schedule(state.step))
+                     learning_rate=schedule(state.step),
+                     src_nonpad_fraction=real[0] / size, tgt_nonpad_fraction=real[1] / size)
       if layer_stats:
         masks = {"encoder": padding_mask(src, corpora.PAD_ID),
-                 "decoder": target_mask(tgt_in, corpora.PAD_ID)}
+                 "decoder": (packed["tgt_segments"] > 0 if packed
+                             else target_mask(tgt_in, corpora.PAD_ID))}
         metrics["layer_stats"] = layer_stats_lib.step_stats(
             grads, state.params, new_state.params, new_vars.get("intermediates", {}),
             axis_name=axis_name, weights_for=lambda path: masks.get(path[0]))
@@ -90,12 +103,12 @@ def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_sta
     return step_fn
 
   mode = config.parallel.mode
-  parallel_step = parallelism.data_parallel(make_fn, mode, mesh, 2, 2)
+  parallel_step = parallelism.data_parallel(make_fn, mode, mesh, 2, 1)
   step_key = lambda step: jax.random.fold_in(seed_key, step)
   if mode == "pmap":  # pmap cannot live inside jit
     key_jit = jax.jit(step_key)
-    return lambda state, src, tgt: parallel_step(state, key_jit(state.step), src, tgt)
-  return jax.jit(lambda state, src, tgt: parallel_step(state, step_key(state.step), src, tgt),
+    return lambda state, batch: parallel_step(state, key_jit(state.step), batch)
+  return jax.jit(lambda state, batch: parallel_step(state, step_key(state.step), batch),
                  donate_argnums=0)
 
 
@@ -118,7 +131,7 @@ class TranslationJob:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh):
     self.config, self.mesh = config, mesh
-    self.corpus = corpora.load_corpus(config)       # a data error writes nothing
+    cache.check_corpus_present(config)              # a missing data set writes nothing
     n = mesh.devices.size
     self.model_for = lambda axis_name: models.build_model(
         config, models.norm_context(config, n, axis_name), 0)
@@ -129,26 +142,32 @@ class TranslationJob:
     return self.model_for(None)
 
   def setup(self, workdir: str) -> None:
-    """SentencePiece model (trained once, in ``workdir``), encoded batches, steps."""
-    config, corpus, tr = self.config, self.corpus, self.config.translation
+    """The prepared token cache (:mod:`cache`: SentencePiece model and token ids, made once
+    by process 0 in the workdir or ``translation.cache_dir``), batches, steps."""
+    config, tr = self.config, self.config.translation
     self.workdir = workdir
-    barrier = None
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      barrier = lambda: multihost_utils.sync_global_devices("resnorm_jax:spm")
-    self.sp = corpora.load_or_train_sentencepiece(
-        corpus, config.model.vocab_size, workdir, jax.process_index() == 0, barrier)
+    directory = cache.cache_directory(config, workdir)
+    error = None
+    if jax.process_index() == 0:
+      try:
+        cache.prepare(directory, config, log=logging.info)
+      except ConfigError as e:
+        error = e
+    if parallelism.any_process(error is not None):   # also the barrier after preparing
+      raise error or ConfigError(f"process 0 could not prepare the token cache in "
+                                 f"{directory} (see its message)")
+    manifest = cache.load_manifest(directory)
+    self.sp = cache.load_sentencepiece(directory, config.model.vocab_size)
     replicas = self.mesh.devices.size
-    self.batches = corpora.make_token_batches(
-        corpora.encode(self.sp, corpus.train[0]),
-        corpora.encode(self.sp, corpus.train[1]), max_length=tr.max_length,
-        max_tokens=tr.max_tokens, replicas=replicas, seed=config.train.seed)
-    sources, self.references = corpus.test
-    if tr.eval_max_sentences:
-      sources = sources[:tr.eval_max_sentences]
-      self.references = self.references[:tr.eval_max_sentences]
+    make = packing.make_packed_batches if tr.packing else packing.make_cached_batches
+    self.batches = make(cache.open_split(directory, "train", manifest),
+                        max_length=tr.max_length, max_tokens=tr.max_tokens,
+                        replicas=replicas, seed=config.train.seed)
+    test = cache.open_split(directory, "test", manifest)
+    count = min(len(test), tr.eval_max_sentences or len(test))
+    self.references = cache.references(config, manifest, count)
     self.eval_batches = corpora.eval_batches(
-        corpora.encode(self.sp, sources), config.eval.batch_size, replicas,
+        [test.sentence("src", i) for i in range(count)], config.eval.batch_size, replicas,
         config.model.max_len)
     self.sharded = parallelism.batch_sharded(self.mesh)
     self.train_step, self.stats_step = (
@@ -179,14 +198,14 @@ class TranslationJob:
     return jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
-  def global_batch(self, step: int):
-    src, tgt = self.batches.batch(step)
-    return (parallelism.host_to_global(src, self.sharded),
-            parallelism.host_to_global(tgt, self.sharded))
+  def global_batch(self, step: int) -> dict:
+    """The global batch of ``step`` as a dict of batch-sharded arrays (see
+    :func:`make_translation_train_step`); this process reads only its devices' rows."""
+    return self.batches.global_batch(step, self.sharded)
 
   def step(self, state: TrainState, step: int, layer_stats: bool = False):
     train_step = self.stats_step if layer_stats else self.train_step
-    return train_step(state, *self.global_batch(step))
+    return train_step(state, self.global_batch(step))
 
   def layer_call_order(self):
     tokens = self._example_tokens()
