@@ -625,8 +625,9 @@ class Transformer(nn.Module):
              positions: Array | None = None) -> Array:
     """(B, S) source ids -> (B, S, d_model) encoder output.  Packed rows: ``segments``
     (B, S) segment ids (0 = padding) and ``positions`` (B, S) positions within a segment."""
-    self._check_length(src.shape[1], "source")
-    positions = jnp.arange(src.shape[1]) if positions is None else positions
+    if positions is None:   # packed rows: positions restart in each segment (< max_len)
+      self._check_length(src.shape[1], "source")
+      positions = jnp.arange(src.shape[1])
     x = self._embed("src", src, positions, train=train)
     return self.encoder(x, padding_mask(src, self.config.pad_id), train=train,
                         segments=segments)
@@ -638,8 +639,10 @@ class Transformer(nn.Module):
     """Teacher-forced decoder: (B, T) decoder input ids -> (B, T, vocab) float32 logits.
     Packed rows: segment ids of both sides, target positions within a segment; the real
     target positions are then those with a segment (``tgt_segments > 0``)."""
-    self._check_length(tgt_in.shape[1], "target")
-    positions = jnp.arange(tgt_in.shape[1]) if tgt_positions is None else tgt_positions
+    positions = tgt_positions
+    if positions is None:
+      self._check_length(tgt_in.shape[1], "target")
+      positions = jnp.arange(tgt_in.shape[1])
     x = self._embed("tgt", tgt_in, positions, train=train)
     if tgt_segments is None:
       tgt_mask, segments = target_mask(tgt_in, self.config.pad_id), None

@@ -262,7 +262,7 @@ def _sha256(path: epath.Path) -> str:
 def _write_json(path: epath.Path, obj) -> None:
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def _read_json(path: epath.Path) -> dict | None:
@@ -308,7 +308,7 @@ def ensure_sentencepiece(directory: str, sources: dict[str, PairSource], config,
                               num_threads=max(2, os.cpu_count() or 2))
   del sentences
   (root / "spm.tmp.vocab").unlink(missing_ok=True)
-  tmp.rename(model)
+  tmp.replace(model)
   _write_json(info_path, {"corpus": sources["train"].fingerprint, "settings": settings,
                           "sha256": _sha256(model),
                           "seconds": round(time.perf_counter() - t0, 1)})
@@ -364,7 +364,7 @@ def _encode_split(processor, source: PairSource, tokens: epath.Path, split: str,
     (tokens / f"{split}.{side}.offsets.tmp").write_bytes(offsets.astype("<i8").tobytes())
     for kind in ("ids", "offsets"):
       name = f"{split}.{side}.{kind}"
-      (tokens / (name + ".tmp")).rename(tokens / name)
+      (tokens / (name + ".tmp")).replace(tokens / name)
       files[name] = {"bytes": (tokens / name).stat().length, "blake2b": _hash_file(
           os.fspath(tokens / name))}
   return {"pairs": pairs, "files": files,

@@ -5,14 +5,16 @@ Bucketed (``translation.packing=False``): :class:`CachedTokenBatches` is
 order, so the same batches at every step as before the cache) whose rows are read from the
 memory-mapped :class:`cache.TokenSplit` instead of Python lists.
 
-Packed (``translation.packing=True``, t5x/seqio and MaxText style): several pairs per row of
-L = ``translation.max_length`` tokens on each side.  Once per run (a function of
-``train.seed`` only) the kept pairs are shuffled and placed first-fit into up to
-:data:`OPEN_ROWS` open rows (a pair goes to the first open row where both of its sides
-still fit; when none has room the oldest open row is closed and a new one opened).  Each
-epoch permutes the rows (a function of (seed, epoch)) and cuts them into global batches of
-R = ⌊max_tokens / L⌋ rows (a multiple of the replicas; the last batch padded with empty
-rows), so every pair is seen once per epoch, the number of batches per epoch is fixed and
+Packed (``translation.packing=True``, t5x/seqio and MaxText style): several pairs per row.
+The side with fewer tokens in the corpus gets rows of L = ``translation.max_length``
+tokens, the other side rows of ⌈L·r / 8⌉·8 tokens, r >= 1 the ratio of the two sides'
+token counts (so neither side's rows run out of room long before the other's).  Once per
+run (a function of ``train.seed`` only) the kept pairs are shuffled and placed first-fit
+into up to :data:`OPEN_ROWS` open rows (a pair goes to the first open row where both of its
+sides still fit; when none has room the oldest open row is closed and a new one opened).
+Each epoch permutes the rows (a function of (seed, epoch)) and cuts them into global
+batches of R = ⌊max_tokens / L_max⌋ rows (a multiple of the replicas; the last batch padded
+with empty rows), so every pair is seen once per epoch, the number of batches per epoch is fixed and
 step s is batch s mod n of epoch s div n (exact resume without iterator state).  A packed
 row carries, per side, the tokens, segment ids (1, 2, ... per pair, 0 on padding) and
 positions restarting at 0 in every segment; the model masks attention across segments and
@@ -103,13 +105,14 @@ def make_cached_batches(split: TokenSplit, *, max_length: int, max_tokens: int,
 # ----------------------------------------------------------------------------------------
 # Packed batches.
 # ----------------------------------------------------------------------------------------
-def pack_pairs(src_len: np.ndarray, tgt_len: np.ndarray, length: int,
+def pack_pairs(src_len: np.ndarray, tgt_len: np.ndarray, length: int | tuple[int, int],
                open_rows: int = OPEN_ROWS) -> tuple[np.ndarray, np.ndarray]:
   """First-fit packing of pairs (in the given order) into rows of ``length`` tokens per
-  side, at most ``open_rows`` rows open at a time.  Returns (offsets (rows + 1,), members):
+  side (or (source, target) lengths), at most ``open_rows`` rows open at a time.  Returns (offsets (rows + 1,), members):
   row r holds the pairs ``members[offsets[r]:offsets[r + 1]]`` (positions in the input),
   rows in the order they were closed."""
   src_len, tgt_len = np.asarray(src_len).tolist(), np.asarray(tgt_len).tolist()
+  src_room, tgt_room = (length, length) if isinstance(length, int) else length
   members: list[int] = []
   offsets = [0]
   room_s: list[int] = []
@@ -129,8 +132,8 @@ def pack_pairs(src_len: np.ndarray, tgt_len: np.ndarray, length: int,
         room_s.pop(0)
         room_t.pop(0)
       rows.append([i])
-      room_s.append(length - s)
-      room_t.append(length - t)
+      room_s.append(src_room - s)
+      room_t.append(tgt_room - t)
   for row in rows:
     members.extend(row)
     offsets.append(len(members))
@@ -141,7 +144,7 @@ def pack_pairs(src_len: np.ndarray, tgt_len: np.ndarray, length: int,
 class PackedBatches:
   """Packed rows of the kept pairs and their per-epoch batch order (module docstring)."""
   split: TokenSplit
-  length: int               # L, tokens per row and side
+  lengths: dict[str, int]   # tokens per row, per side ("src", "tgt")
   rows_per_batch: int       # R
   row_offsets: np.ndarray   # (rows + 1,)
   row_members: np.ndarray   # the split's pair indices, row after row
@@ -171,7 +174,7 @@ class PackedBatches:
 
   def side_arrays(self, side: str, rows: np.ndarray) -> dict[str, np.ndarray]:
     """{side, side_segments, side_positions}: (len(rows), L) int32 arrays of packed rows."""
-    n, length = len(rows), self.length
+    n, length = len(rows), self.lengths[side]
     tokens = np.full((n, length), corpora.PAD_ID, np.int32)
     segments = np.zeros((n, length), np.int32)
     positions = np.zeros((n, length), np.int32)
@@ -197,7 +200,6 @@ class PackedBatches:
 
   def global_batch(self, step: int, sharding) -> dict[str, jax.Array]:
     rows = self.indices(step)
-    shape = (len(rows), self.length)
     parts: dict = {}
 
     def part(side, a, b):
@@ -207,7 +209,7 @@ class PackedBatches:
     out = {}
     for side in ("src", "tgt"):
       for key in (side, f"{side}_segments", f"{side}_positions"):
-        out[key] = global_array(shape, sharding,
+        out[key] = global_array((len(rows), self.lengths[side]), sharding,
                                 lambda a, b, side=side, key=key: part(side, a, b)[key])
     return out
 
@@ -215,8 +217,18 @@ class PackedBatches:
 def make_packed_batches(split: TokenSplit, *, max_length: int, max_tokens: int,
                         replicas: int, seed: int) -> PackedBatches:
   kept = kept_pairs(split, max_length)
+  lengths = row_lengths(split, kept, max_length)
   order = np.random.default_rng([seed, 0]).permutation(kept)
   offsets, members = pack_pairs(split.lengths("src")[order], split.lengths("tgt")[order],
-                                max_length)
-  return PackedBatches(split, max_length, corpora.rows_for(max_length, max_tokens, replicas),
-                       offsets, order[members], seed)
+                                (lengths["src"], lengths["tgt"]))
+  rows = corpora.rows_for(max(lengths.values()), max_tokens, replicas)
+  return PackedBatches(split, lengths, rows, offsets, order[members], seed)
+
+
+def row_lengths(split: TokenSplit, kept: np.ndarray, max_length: int) -> dict[str, int]:
+  """Row length per side: ``max_length`` for the side with fewer tokens, ⌈max_length·r / 8⌉·8
+  for the other (r = the ratio of the sides' token counts over the kept pairs)."""
+  tokens = {side: int(split.lengths(side)[kept].sum()) for side in ("src", "tgt")}
+  short, long = sorted(tokens, key=tokens.get)
+  ratio = tokens[long] / max(tokens[short], 1)
+  return {short: max_length, long: max(max_length, -(-int(max_length * ratio) // 8) * 8)}
