@@ -292,7 +292,8 @@ def ensure_sentencepiece(directory: str, sources: dict[str, PairSource], config,
           "translation.cache_dir), or restore the original corpus")
     if info is not None and info.get("settings", settings) != settings:
       raise ConfigError(
-          f"{model} was trained with {info['settings']}, not {settings}; use a new "
+          f"{model} was trained with {json.dumps(info['settings'], sort_keys=True)}, not "
+          f"{json.dumps(settings, sort_keys=True)}; use a new "
           "--workdir (or translation.cache_dir), or the settings it was trained with")
     if info is None:   # an spm.model from before the cache: keep it, record the corpus
       _write_json(info_path, {"corpus": sources["train"].fingerprint, "settings": settings,
