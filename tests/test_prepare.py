@@ -346,3 +346,26 @@ def test_generated_corpus_prepares_once_then_starts_from_the_cache(tmp_path):
   manifest = cache.load_manifest(work)
   split = cache.open_split(work, "train", manifest)
   assert len(split) == pairs and 20 < split.lengths("src").mean() < 60
+
+
+def test_tfds_data_sets_go_through_the_same_cache(tmp_path):
+  """The prepared TFDS copy of IWSLT'15 (the project's builder; WMT'14 is read the same way,
+  by tfds.builder_from_directory) is tokenized into the same cache, checked on reuse."""
+  from resnorm_jax.tasks.translation import iwslt15
+  manual = write_iwslt(tmp_path / "manual", train=60, test=6)
+  for lang in ("en", "vi"):
+    os.link(os.path.join(manual, f"tst2013.{lang}"), os.path.join(manual, f"tst2012.{lang}"))
+  data_dir = str(tmp_path / "tfds")
+  iwslt15.prepare(manual, data_dir)
+  config, directory, manifest, logs = prepared(tmp_path, data_dir)
+  assert manifest["corpus_splits"]["train"]["kind"] == "tfds" and "(absent)" in logs[-1]
+  sp = cache.load_sentencepiece(directory, config.model.vocab_size)
+  plain = corpora.read_iwslt15(manual)
+  for split, pairs in (("train", plain.train), ("test", plain.test)):
+    data = cache.open_split(directory, split, manifest)
+    decoded = [tuple(corpora.decode(sp, data.sentence(side, i)) for side in cache.SIDES)
+               for i in range(len(data))]
+    assert sorted(decoded) == sorted(zip(*pairs))
+  logs = []
+  assert cache.prepare(directory, config, progress=False, log=logs.append) == manifest
+  assert logs == []
