@@ -301,9 +301,12 @@ def ensure_sentencepiece(directory: str, sources: dict[str, PairSource], config,
     return
   root.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
+  log(f"{model} absent: sampling at most {t.spm_sample_sentences:,} training sentences of "
+      f"{sources['train'].where} for SentencePiece")
   sentences = sample_sentences(sources["train"], t.spm_sample_sentences, t.spm_sample_seed)
   log(f"training SentencePiece ({config.model.vocab_size} pieces) on {len(sentences):,} "
-      f"sentences of {sources['train'].where}")
+      f"sentences ({time.perf_counter() - t0:.0f} s so far; about a minute per 500k "
+      "sentences on 2 cores)")
   tmp = root / "spm.tmp.model"
   corpora.train_sentencepiece(sentences, config.model.vocab_size, os.fspath(tmp),
                               num_threads=max(2, os.cpu_count() or 2))

@@ -22,8 +22,8 @@ process, and process 0 writes ``<workdir>/translations/step_<n>.txt`` (test-set 
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +150,8 @@ class TranslationJob:
     error = None
     if jax.process_index() == 0:
       try:
-        cache.prepare(directory, config, log=logging.info)
+        cache.prepare(directory, config,
+                      log=lambda m: print(f"resnorm-train: {m}", file=sys.stderr, flush=True))
       except ConfigError as e:
         error = e
     if parallelism.any_process(error is not None):   # also the barrier after preparing
