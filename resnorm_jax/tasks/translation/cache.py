@@ -185,10 +185,12 @@ def _tfds_sources(data_dir: str, name: str, source_lang: str, target_lang: str):
   return out
 
 
-def corpus_sources(config, recorded: dict | None = None) -> dict[str, PairSource]:
+def corpus_sources(config, recorded: dict | None = None,
+                   splits: tuple[str, ...] = ("train", "test")) -> dict[str, PairSource]:
   """{"train", "test"}: :class:`PairSource` of ``config.data.name`` without reading the
   text (files are only stat-ed; hashed when new or changed).  ``recorded``: the
-  fingerprints of an earlier preparation (its hashes are reused for unchanged files)."""
+  fingerprints of an earlier preparation (its hashes are reused for unchanged files).
+  ``splits``: the plain-file splits to fingerprint (the others are left out)."""
   name, t = config.data.name, config.translation
   recorded = recorded or {}
   if name == "toy_translation":
@@ -207,7 +209,7 @@ def corpus_sources(config, recorded: dict | None = None) -> dict[str, PairSource
       if missing:
         corpora.read_iwslt15(config.data.data_dir)     # raises its one-line error
       return {s: _plain_files_source(directory, f, ("en", "vi"), recorded.get(s))
-              for s, f in (("train", "train"), ("test", "tst2013"))}
+              for s, f in (("train", "train"), ("test", "tst2013")) if s in splits}
     sources = _tfds_sources(config.data.data_dir or ".", "iwslt15_envi", "en", "vi")
   elif name == "wmt14_ende":
     sources = _tfds_sources(config.data.data_dir, corpora.WMT_NAME, "en", "de")
@@ -545,7 +547,7 @@ def load_sentencepiece(directory: str, vocab_size: int):
 
 def references(config, manifest: dict, count: int) -> list[str]:
   """The first ``count`` target sentences of the test split, as text (for BLEU)."""
-  source = corpus_sources(config, manifest.get("corpus_splits"))["test"]
+  source = corpus_sources(config, manifest.get("corpus_splits"), splits=("test",))["test"]
   out: list[str] = []
   for _, tgt in source.chunks(CHUNK):
     out.extend(tgt[:count - len(out)])
