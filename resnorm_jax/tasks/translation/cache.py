@@ -406,7 +406,7 @@ def prepare(directory: str, config, *, progress: bool = True, log=print) -> dict
   ensure_sentencepiece(directory, sources, config, log=log)
   spm_hash = _sha256(root / "spm.model")
   fingerprints = {s: src.fingerprint for s, src in sources.items()}
-  why = "absent"
+  why = "unreadable manifest" if manifest_path.exists() and old is None else "absent"
   if old is not None:
     if old.get("format") != FORMAT:
       why = "of another format"
@@ -426,7 +426,7 @@ def prepare(directory: str, config, *, progress: bool = True, log=print) -> dict
   manifest_path.unlink(missing_ok=True)
   tokens.mkdir(parents=True, exist_ok=True)
   import sentencepiece as spm
-  processor = spm.SentencePieceProcessor(model_file=os.fspath(root / "spm.model"))
+  processor = spm.SentencePieceProcessor(model_proto=(root / "spm.model").read_bytes())
   t0 = time.perf_counter()
   splits = {}
   for split, source in sources.items():
