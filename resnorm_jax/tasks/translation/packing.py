@@ -108,9 +108,9 @@ def make_cached_batches(split: TokenSplit, *, max_length: int, max_tokens: int,
 def pack_pairs(src_len: np.ndarray, tgt_len: np.ndarray, length: int | tuple[int, int],
                open_rows: int = OPEN_ROWS) -> tuple[np.ndarray, np.ndarray]:
   """First-fit packing of pairs (in the given order) into rows of ``length`` tokens per
-  side (or (source, target) lengths), at most ``open_rows`` rows open at a time.  Returns (offsets (rows + 1,), members):
-  row r holds the pairs ``members[offsets[r]:offsets[r + 1]]`` (positions in the input),
-  rows in the order they were closed."""
+  side (or (source, target) lengths), at most ``open_rows`` rows open at a time.  Returns
+  (offsets (rows + 1,), members): row r holds the pairs ``members[offsets[r]:offsets[r + 1]]``
+  (positions in the input), rows in the order they were closed."""
   src_len, tgt_len = np.asarray(src_len).tolist(), np.asarray(tgt_len).tolist()
   src_room, tgt_room = (length, length) if isinstance(length, int) else length
   members: list[int] = []

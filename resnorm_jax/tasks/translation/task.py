@@ -42,9 +42,10 @@ from resnorm_jax.training import TrainState, apply_gradients, make_optimizer, re
 def make_translation_train_step(config, mesh, model_for, tx, schedule, layer_stats=False):
   """``train_step(state, batch) -> (state, metrics)``; ``batch`` a dict of (R, L) int32
   global arrays (batch-sharded): ``src``, ``tgt`` and, for packed rows, ``src_segments``,
-  ``tgt_segments``, ``src_positions``, ``tgt_positions``.  Dropout keys are a function of (seed, step[, replica]).  With
-  ``layer_stats`` the same update also returns ``metrics["layer_stats"]``, activation
-  moments over the real tokens of each side (:mod:`resnorm_jax.layer_stats`)."""
+  ``tgt_segments``, ``src_positions``, ``tgt_positions``.  Dropout keys are a function of
+  (seed, step[, replica]).  With ``layer_stats`` the same update also returns
+  ``metrics["layer_stats"]``, activation moments over the real tokens of each side
+  (:mod:`resnorm_jax.layer_stats`)."""
   seed_key = jax.random.key(config.train.seed)
   smoothing = float(config.train.label_smoothing)
   stop_on_nonfinite = config.train.on_nonfinite == "stop"
