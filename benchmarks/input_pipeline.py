@@ -163,11 +163,11 @@ def translation_rows(args) -> list[dict]:
   fixed = [tuple(parallelism.host_to_global(a, sharded) for a in batches.batch(s))
            for s in range(args.step_repeats)]
   for src, tgt in fixed:   # compile every bucket shape first
-    state[0], _ = train_step(state[0], (src, tgt))
+    state[0], _ = train_step(state[0], {"src": src, "tgt": tgt})
   jax.block_until_ready(state[0])
   start = time.perf_counter()
   for src, tgt in fixed:
-    state[0], _ = train_step(state[0], (src, tgt))
+    state[0], _ = train_step(state[0], {"src": src, "tgt": tgt})
   jax.block_until_ready(state[0])
   step_s = (time.perf_counter() - start) / len(fixed)
   mean_tokens = float(np.mean(per_batch))

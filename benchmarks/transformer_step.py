@@ -408,7 +408,7 @@ def main(argv=None) -> dict:
     fw = {"state": jax.device_put(framework_state(copy_tree(params), tx), replicated)}
 
     def framework_call(fw=fw, train_step=train_step):
-      fw["state"], metrics = train_step(fw["state"], (src_fw, tgt_fw))
+      fw["state"], metrics = train_step(fw["state"], {"src": src_fw, "tgt": tgt_fw})
       return fw["state"], metrics
     name = "framework" if i == 0 else f"framework, {guard} guard"
     framework_rows[name] = (framework_call, common.block)

@@ -71,8 +71,9 @@ def _one_of(*choices):
 def _int_at_least(minimum: int, what: str = ""):
   def check(value, key):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      kind = "positive" if minimum == 1 else "non-negative"
-      raise ConfigError(f"{key}={value!r} must be a {kind} integer{what}")
+      kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
+          minimum, f"an integer >= {minimum}")
+      raise ConfigError(f"{key}={value!r} must be {kind}{what}")
   return check
 
 
@@ -85,6 +86,21 @@ def _interval(low: float, high: float, **kwargs):
 
 
 _POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+def _boolean(value, key):
+  if not isinstance(value, bool):
+    raise ConfigError(f"{key}={value!r} must be true or false")
+
+
+def _path(value, key):
+  if not isinstance(value, str):
+    raise ConfigError(f"{key}={value!r} must be a path")
+
+
+def _seed(value, key):
+  if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 32:
+    raise ConfigError(f"{key}={value!r} must be an integer in [0, 2^32)")
 
 
 def _schema() -> dict[str, dict[str, Key]]:
@@ -190,6 +206,14 @@ def _schema() -> dict[str, dict[str, Key]]:
           "toy_test_size": K(200, TRAJECTORY, _POSITIVE),
           "toy_vocab": K(40, TRAJECTORY, _POSITIVE),
           "toy_max_words": K(10, TRAJECTORY, _POSITIVE),
+          # The prepared token cache (tasks/translation/cache.py) and packing (packing.py).
+          "cache_dir": K("", NEUTRAL, _path, "'' = the workdir; else shared by runs of the "
+                         "same data"),
+          "spm_sample_sentences": K(1_000_000, TRAJECTORY, _int_at_least(2),
+                                    "SentencePiece trains on at most this many sentences"),
+          "spm_sample_seed": K(0, TRAJECTORY, _seed),
+          "packing": K(False, TRAJECTORY, _boolean,
+                       "several pairs per row (segment ids, per-segment positions)"),
       },
       "checkpoint": {
           "every_steps": K(1000, NEUTRAL),

@@ -251,7 +251,7 @@ def test_transformer_unit_moments_count_real_tokens_only():
     params = jax.device_get(model.init(jax.random.key(0), src, tgt)["params"])  # not donated
   state = training.TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params),
                               jnp.full((), -1, jnp.int32), jnp.zeros((), jnp.int32))
-  _, metrics = step(state, (src, tgt))
+  _, metrics = step(state, {"src": src, "tgt": tgt})
   summary = layer_stats.summarize(jax.device_get(metrics["layer_stats"]),
                                   layer_stats.module_call_order(model, src, tgt))
 

@@ -231,3 +231,23 @@ def test_translation_per_device_styles_in_two_processes_continue_a_one_process_r
   assert evals[0]["bleu"] == reference["eval"]["bleu"]
   decoded = translations(two, steps)
   assert len(set(decoded)) >= 5 and decoded == translations(one, steps)
+
+
+@pytest.mark.slow
+def test_packed_translation_two_processes_equal_one_process(tmp_path):
+  """Packed rows (translation.packing): each process builds only its devices' rows of the
+  same global batches from the token cache process 0 prepared; 2 processes = 1 process."""
+  two, one = tmp_path / "two", tmp_path / "one"
+  out = launch(2, two, "--config.train.steps=3", "--config.translation.packing=true",
+               port=13424, base=TRANSLATION_CLI)
+  assert "completed at step 3" in out
+  reference = train_here(one, 3, **{"translation.packing": True})
+  step, state = read_state(two)
+  assert step == 3
+  chex.assert_trees_all_close(state.params, reference["state"].params, atol=2e-5, rtol=1e-4)
+  train_two, train_one = metric_lines(two, "train"), metric_lines(one, "train")
+  for key in ("tokens", "src_nonpad_fraction", "tgt_nonpad_fraction"):
+    assert [m[key] for m in train_two] == [m[key] for m in train_one]
+  np.testing.assert_allclose([m["loss"] for m in train_two],
+                             [m["loss"] for m in train_one], rtol=1e-5)
+  assert os.path.exists(two / "tokens" / "manifest.json")

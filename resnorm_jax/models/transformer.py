@@ -262,6 +262,22 @@ def shift_right(targets: Array, bos_id: int) -> Array:
   return jnp.concatenate([bos, targets[:, :-1]], axis=1)
 
 
+def shift_right_segments(targets: Array, segments: Array, bos_id: int,
+                         pad_id: int = 0) -> Array:
+  """Decoder input of packed rows: shift_right within each segment (BOS at every segment's
+  first position), ``pad_id`` on padding (segment 0)."""
+  shifted = shift_right(targets, bos_id)
+  previous = jnp.concatenate([jnp.zeros_like(segments[:, :1]), segments[:, :-1]], axis=1)
+  shifted = jnp.where(segments != previous, jnp.asarray(bos_id, targets.dtype), shifted)
+  return jnp.where(segments > 0, shifted, jnp.asarray(pad_id, targets.dtype))
+
+
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+  """(B, Tq), (B, Tk) segment ids -> (B, 1, Tq, Tk) bool, True where query and key belong
+  to the same segment (packed rows: attention never crosses pairs)."""
+  return (query_segments[:, :, None] == key_segments[:, None, :])[:, None]
+
+
 def causal_mask(length: int) -> Array:
   """(1, 1, T, T) bool, True where key position <= query position."""
   return jnp.tril(jnp.ones((length, length), bool))[None, None]
@@ -421,11 +437,11 @@ class EncoderLayer(nn.Module):
   skip: SkipSpec
 
   @nn.compact
-  def __call__(self, x, mask, *, train: bool = False):
+  def __call__(self, x, mask, *, train: bool = False, attn_mask=None):
     cfg, beta = self.config, self.skip.init_scale
     drop = nn.Dropout(cfg.dropout_rate)
     attn = _attention(cfg, beta, "self_attn")
-    attn_mask = key_mask(mask)
+    attn_mask = key_mask(mask) if attn_mask is None else attn_mask
     x = self.skip.build("self_attn_skip")(
         x, lambda h: drop(attn(h, h, attn_mask, train=train), deterministic=not train),
         train=train, mask=mask)
@@ -488,16 +504,19 @@ class DecoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-  """N encoder layers, then the final norm when ``final_norm``."""
+  """N encoder layers, then the final norm when ``final_norm``.  ``segments`` (packed rows):
+  self-attention stays within a segment."""
   config: TransformerConfig
   skip: SkipSpec
   final_norm: bool
 
   @nn.compact
-  def __call__(self, x, mask, *, train: bool = False):
+  def __call__(self, x, mask, *, train: bool = False, segments=None):
     cfg = self.config
+    attn_mask = None if segments is None else key_mask(mask) & segment_mask(segments, segments)
     for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, self.skip, name=f"layer_{i}")(x, mask, train=train)
+      x = EncoderLayer(cfg, self.skip, name=f"layer_{i}")(x, mask, train=train,
+                                                          attn_mask=attn_mask)
     if self.final_norm:
       x = make_norm(cfg.norm, cfg.norm_ctx, name="final_norm")(x, train=train, mask=mask)
     return x
@@ -508,14 +527,17 @@ class Decoder(nn.Module):
 
   Whole sequence (``cache=None``): self-attention mask = causal ∧ real target keys.  One
   step (``cache`` = {"index", "layers"}): the query at position ``index`` attends to cached
-  positions 0..index.  Returns (hidden states, updated cache or None).
+  positions 0..index.  ``segments`` = (source, target) segment ids of packed rows:
+  self- and cross-attention stay within a segment.  Returns (hidden states, updated cache or
+  None).
   """
   config: TransformerConfig
   skip: SkipSpec
   final_norm: bool
 
   @nn.compact
-  def __call__(self, x, encoded, src_mask, tgt_mask, *, train: bool = False, cache=None):
+  def __call__(self, x, encoded, src_mask, tgt_mask, *, train: bool = False, cache=None,
+               segments=None):
     cfg = self.config
     if cache is None:
       self_mask = causal_mask(x.shape[1]) & key_mask(tgt_mask)
@@ -523,6 +545,10 @@ class Decoder(nn.Module):
       max_len = cache["layers"][0]["k"].shape[1]
       self_mask = (jnp.arange(max_len) <= cache["index"])[None, None, None, :]
     cross_mask = key_mask(src_mask)
+    if segments is not None:
+      src_segments, tgt_segments = segments
+      self_mask = self_mask & segment_mask(tgt_segments, tgt_segments)
+      cross_mask = cross_mask & segment_mask(tgt_segments, src_segments)
     layers = []
     for i in range(cfg.num_decoder_layers):
       layer_cache = None if cache is None else dict(cache["layers"][i], index=cache["index"])
@@ -595,25 +621,50 @@ class Transformer(nn.Module):
       out = self.output(h)
     return out.astype(jnp.float32)
 
-  def encode(self, src: Array, train: bool = False) -> Array:
-    """(B, S) source ids -> (B, S, d_model) encoder output."""
-    self._check_length(src.shape[1], "source")
-    x = self._embed("src", src, jnp.arange(src.shape[1]), train=train)
-    return self.encoder(x, padding_mask(src, self.config.pad_id), train=train)
+  def encode(self, src: Array, train: bool = False, *, segments: Array | None = None,
+             positions: Array | None = None) -> Array:
+    """(B, S) source ids -> (B, S, d_model) encoder output.  Packed rows: ``segments``
+    (B, S) segment ids (0 = padding) and ``positions`` (B, S) positions within a segment."""
+    if positions is None:   # packed rows: positions restart in each segment (< max_len)
+      self._check_length(src.shape[1], "source")
+      positions = jnp.arange(src.shape[1])
+    x = self._embed("src", src, positions, train=train)
+    return self.encoder(x, padding_mask(src, self.config.pad_id), train=train,
+                        segments=segments)
 
   def decode(self, encoded: Array, src_mask: Array, tgt_in: Array,
-             train: bool = False) -> Array:
-    """Teacher-forced decoder: (B, T) decoder input ids -> (B, T, vocab) float32 logits."""
-    self._check_length(tgt_in.shape[1], "target")
-    x = self._embed("tgt", tgt_in, jnp.arange(tgt_in.shape[1]), train=train)
-    h, _ = self.decoder(x, encoded, src_mask, target_mask(tgt_in, self.config.pad_id),
-                        train=train)
+             train: bool = False, *, src_segments: Array | None = None,
+             tgt_segments: Array | None = None,
+             tgt_positions: Array | None = None) -> Array:
+    """Teacher-forced decoder: (B, T) decoder input ids -> (B, T, vocab) float32 logits.
+    Packed rows: segment ids of both sides, target positions within a segment; the real
+    target positions are then those with a segment (``tgt_segments > 0``)."""
+    positions = tgt_positions
+    if positions is None:
+      self._check_length(tgt_in.shape[1], "target")
+      positions = jnp.arange(tgt_in.shape[1])
+    x = self._embed("tgt", tgt_in, positions, train=train)
+    if tgt_segments is None:
+      tgt_mask, segments = target_mask(tgt_in, self.config.pad_id), None
+    else:
+      tgt_mask, segments = tgt_segments > 0, (src_segments, tgt_segments)
+    h, _ = self.decoder(x, encoded, src_mask, tgt_mask, train=train, segments=segments)
     return self.logits(h)
 
-  def __call__(self, src: Array, tgt_in: Array, train: bool = False) -> Array:
-    """Logits (B, T, vocab) of the next token at each decoder input position."""
-    encoded = self.encode(src, train=train)
-    return self.decode(encoded, padding_mask(src, self.config.pad_id), tgt_in, train=train)
+  def __call__(self, src: Array, tgt_in: Array, train: bool = False, *,
+               src_segments: Array | None = None, tgt_segments: Array | None = None,
+               src_positions: Array | None = None,
+               tgt_positions: Array | None = None) -> Array:
+    """Logits (B, T, vocab) of the next token at each decoder input position.  The keyword
+    arguments describe packed rows (all four or none; decoder input from
+    :func:`shift_right_segments`): attention never crosses segments and positions restart
+    in each segment."""
+    if (src_segments is None) != (tgt_segments is None):
+      raise ValueError("packed rows need the segment ids of both sides")
+    encoded = self.encode(src, train=train, segments=src_segments, positions=src_positions)
+    return self.decode(encoded, padding_mask(src, self.config.pad_id), tgt_in, train=train,
+                       src_segments=src_segments, tgt_segments=tgt_segments,
+                       tgt_positions=tgt_positions)
 
   def init_cache(self, encoded: Array, src_mask: Array, max_decode_len: int) -> dict:
     """Empty self-attention cache for ``max_decode_len`` steps, cross-attention keys and

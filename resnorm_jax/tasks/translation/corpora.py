@@ -180,7 +180,7 @@ def load_corpus(config) -> TextCorpus:
 # SentencePiece.
 # ----------------------------------------------------------------------------------------
 def train_sentencepiece(sentences: list[str], vocab_size: int, model_path: str,
-                        max_sentences: int = 10_000_000) -> None:
+                        max_sentences: int = 10_000_000, num_threads: int = 2) -> None:
   """Trains a unigram SentencePiece model on ``sentences``; writes ``model_path``.
 
   Ids: pad 0, BOS 1, EOS 2, unk 3.  ``hard_vocab_limit=False`` lets a small corpus (the toy
@@ -200,7 +200,7 @@ def train_sentencepiece(sentences: list[str], vocab_size: int, model_path: str,
       sentence_iterator=iter(sentences), model_prefix=model_path[:-len(".model")],
       vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
       pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, hard_vocab_limit=False,
-      input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=2,
+      input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=num_threads,
       minloglevel=2)
 
 

@@ -20,17 +20,25 @@ process, and process 0 writes ``<workdir>/translations/step_<n>.txt`` (test-set 
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from resnorm_jax import models, parallelism, storage
+from resnorm_jax.errors import ConfigError
 from resnorm_jax.models.transformer import (label_smoothed_cross_entropy, padding_mask,
-                                            shift_right, target_mask)
+                                            shift_right, shift_right_segments, target_mask)
 from resnorm_jax.tasks import TASKS
 from resnorm_jax.tasks.base import LossOutput, Task
-from resnorm_jax.tasks.translation import corpora, decoding
+from resnorm_jax.tasks.translation import cache, corpora, decoding, packing
+
+
+# The arrays of a packed batch besides ``src`` and ``tgt`` (tasks/translation/packing.py),
+# passed to the model as keyword arguments.
+PACKED_KEYS = ("src_segments", "tgt_segments", "src_positions", "tgt_positions")
 
 
 def _gather(array) -> np.ndarray:
@@ -58,7 +66,7 @@ class Translation(Task):
 
   def __init__(self, config: ml_collections.ConfigDict, mesh):
     super().__init__(config, mesh)
-    self.corpus = corpora.load_corpus(config)       # a data error writes nothing
+    cache.check_corpus_present(config)              # a missing data set writes nothing
 
   @classmethod
   def validate(cls, config, replicas: int) -> None:
@@ -71,55 +79,78 @@ class Translation(Task):
     return models.DataInfo()
 
   def setup(self, workdir: str) -> None:
-    """SentencePiece model (trained once, in ``workdir``), encoded batches, steps."""
-    config, corpus, tr = self.config, self.corpus, self.config.translation
+    """The prepared token cache (:mod:`cache`: SentencePiece model and token ids, made once
+    by process 0 in the workdir or ``translation.cache_dir``), batches, steps."""
+    config, tr = self.config, self.config.translation
     self.workdir = workdir
-    barrier = None
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      barrier = lambda: multihost_utils.sync_global_devices("resnorm_jax:spm")
-    self.sp = corpora.load_or_train_sentencepiece(
-        corpus, config.model.vocab_size, workdir, jax.process_index() == 0, barrier)
+    directory = cache.cache_directory(config, workdir)
+    error = None
+    if jax.process_index() == 0:
+      try:
+        cache.prepare(directory, config,
+                      log=lambda m: print(f"resnorm-train: {m}", file=sys.stderr, flush=True))
+      except ConfigError as e:
+        error = e
+    if parallelism.any_process(error is not None):   # also the barrier after preparing
+      raise error or ConfigError(f"process 0 could not prepare the token cache in "
+                                 f"{directory} (see its message)")
+    manifest = cache.load_manifest(directory)
+    self.sp = cache.load_sentencepiece(directory, config.model.vocab_size)
     replicas = self.mesh.devices.size
-    self.batches = corpora.make_token_batches(
-        corpora.encode(self.sp, corpus.train[0]),
-        corpora.encode(self.sp, corpus.train[1]), max_length=tr.max_length,
-        max_tokens=tr.max_tokens, replicas=replicas, seed=config.train.seed)
-    sources, self.references = corpus.test
-    if tr.eval_max_sentences:
-      sources = sources[:tr.eval_max_sentences]
-      self.references = self.references[:tr.eval_max_sentences]
+    make = packing.make_packed_batches if tr.packing else packing.make_cached_batches
+    self.batches = make(cache.open_split(directory, "train", manifest),
+                        max_length=tr.max_length, max_tokens=tr.max_tokens,
+                        replicas=replicas, seed=config.train.seed)
+    test = cache.open_split(directory, "test", manifest)
+    count = min(len(test), tr.eval_max_sentences or len(test))
+    self.references = cache.references(config, manifest, count)
     self.eval_batches = corpora.eval_batches(
-        corpora.encode(self.sp, sources), config.eval.batch_size, replicas,
+        [test.sentence("src", i) for i in range(count)], config.eval.batch_size, replicas,
         config.model.max_len)
     self.sharded = parallelism.batch_sharded(self.mesh)
 
   # -- train ---------------------------------------------------------------------------------
-  def inputs(self, step: int):
-    src, tgt = self.batches.batch(step)
-    return (parallelism.host_to_global(src, self.sharded),
-            parallelism.host_to_global(tgt, self.sharded))
+  def inputs(self, step: int) -> dict:
+    """The global batch of ``step``: a dict of (R, L) int32 batch-sharded arrays, ``src``,
+    ``tgt`` and, for packed rows, :data:`PACKED_KEYS`; this process reads only the rows its
+    devices hold."""
+    return self.batches.global_batch(step, self.sharded)
+
+  @staticmethod
+  def decoder_input(batch: dict):
+    """shift_right(y) = [BOS, y_1 .. y_{T−1}], per segment for packed rows."""
+    if "tgt_segments" in batch:
+      return shift_right_segments(batch["tgt"], batch["tgt_segments"], corpora.BOS_ID,
+                                  corpora.PAD_ID)
+    return shift_right(batch["tgt"], corpora.BOS_ID)
 
   def weight(self, batch):
     """N: the real target tokens (the loss is a mean over them)."""
-    return jnp.sum(batch[1] != corpora.PAD_ID).astype(jnp.float32)
+    return jnp.sum(batch["tgt"] != corpora.PAD_ID).astype(jnp.float32)
 
   def loss(self, model, variables, batch, key, apply_kwargs) -> LossOutput:
-    src, tgt = batch
-    logits, new_vars = model.apply(variables, src, shift_right(tgt, corpora.BOS_ID),
-                                   train=True, rngs={"dropout": key}, **apply_kwargs)
+    src, tgt = batch["src"], batch["tgt"]
+    packed = {k: batch[k] for k in PACKED_KEYS if k in batch}
+    logits, new_vars = model.apply(variables, src, self.decoder_input(batch), train=True,
+                                   rngs={"dropout": key}, **packed, **apply_kwargs)
     loss_sum, _ = label_smoothed_cross_entropy(logits, tgt, corpora.PAD_ID,
                                                float(self.config.train.label_smoothing))
-    return LossOutput(loss_sum, {}, new_vars)
+    real = lambda x: jnp.sum(x != corpora.PAD_ID).astype(jnp.float32)
+    return LossOutput(loss_sum, {"src_real": real(src), "tgt_real": real(tgt),
+                                 "size": jnp.float32(src.size)}, new_vars)
 
   def step_metrics(self, sums, weight):
-    return {"tokens": weight}
+    """``tokens`` (N) and the non-padding fraction of each side of the global batch (what
+    packing raises)."""
+    return {"tokens": weight, "src_nonpad_fraction": sums["src_real"] / sums["size"],
+            "tgt_nonpad_fraction": sums["tgt_real"] / sums["size"]}
 
   def layer_stats_weights(self, batch):
     """Activation moments over the real tokens of each side."""
-    src, tgt = batch
-    masks = {"encoder": padding_mask(src, corpora.PAD_ID),
-             "decoder": target_mask(shift_right(tgt, corpora.BOS_ID), corpora.PAD_ID)}
+    src = batch["src"]
+    decoder = (batch["tgt_segments"] > 0 if "tgt_segments" in batch
+               else target_mask(self.decoder_input(batch), corpora.PAD_ID))
+    masks = {"encoder": padding_mask(src, corpora.PAD_ID), "decoder": decoder}
     return lambda path: masks.get(path[0])
 
   def layer_stats_inputs(self) -> tuple:
