@@ -4,6 +4,7 @@ on a sample, packing invariants, and a packed batch giving the unpacked loss and
 
 import json
 import os
+import sys
 
 import chex
 import jax
@@ -311,6 +312,27 @@ def test_new_config_keys_are_validated():
                               ("translation.spm_sample_seed", -1, r"\[0, 2\^32\)")):
     with pytest.raises(ConfigError, match=message):
       config_lib.validate(tiny_config(**{key: value}), 1)
+
+
+def test_resnorm_prepare_command_prepares_the_toy_corpus_and_refuses_bad_input(tmp_path):
+  """The installed command: exit 0 with the counts, then (another vocabulary in the same
+  directory) a one-line exit 2 that leaves the cache as it was."""
+  import shutil
+  import subprocess
+  from helpers import REPO
+  command = [shutil.which("resnorm-prepare", path=os.path.dirname(sys.executable)),
+             "--config=configs/toy_translation.py", f"--workdir={tmp_path}",
+             "--config.translation.toy_train_size=300", "--config.translation.toy_test_size=20"]
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "train 300 pairs" in done.stdout and "test 20 pairs" in done.stdout
+  manifest = (tmp_path / "tokens" / "manifest.json").read_bytes()
+  bad = subprocess.run(command + ["--config.model.vocab_size=64"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2, bad.stderr[-2000:]
+  lines = [l for l in bad.stderr.splitlines() if l.startswith("resnorm-prepare: error:")]
+  assert len(lines) == 1 and "spm.model" in lines[0], bad.stderr[-2000:]
+  assert (tmp_path / "tokens" / "manifest.json").read_bytes() == manifest
 
 
 @pytest.mark.slow

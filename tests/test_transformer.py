@@ -500,3 +500,48 @@ def test_label_smoothed_cross_entropy_matches_numpy():
   noisy = logits + 100.0 * (~mask)[..., None] * rng.randn(*logits.shape)
   total2, _ = label_smoothed_cross_entropy(jnp.asarray(noisy), jnp.asarray(targets), PAD, eps)
   np.testing.assert_allclose(float(total2), float(total), rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 7])
+def test_chunked_cross_entropy_equals_the_whole_logits_in_value_and_gradient(chunks):
+  """The chunked loss (output projection and cross entropy a slice of positions at a
+  time, recomputed in the backward pass) is the loss of the whole logits."""
+  from resnorm_jax.models.transformer import (chunked_cross_entropy,
+                                              label_smoothed_cross_entropy)
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.standard_normal((3, 10, 8)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((8, 13)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 13, (3, 10)), jnp.int32).at[1, 6:].set(0)
+
+  def whole(h, w):
+    return label_smoothed_cross_entropy(jnp.dot(h, w), targets, 0, 0.1)[0]
+
+  def chunked(h, w):
+    return chunked_cross_entropy(h, w, targets, 0, 0.1, chunks)
+  np.testing.assert_allclose(chunked(h, w), whole(h, w), rtol=1e-6)
+  for a, b in zip(jax.grad(chunked, (0, 1))(h, w), jax.grad(whole, (0, 1))(h, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_loss_sum_chunks_large_batches_and_matches_the_logits(monkeypatch):
+  """Transformer.loss_sum: the same loss and parameter gradients as the cross entropy of
+  __call__'s logits, here with the chunk budget lowered so that the tiny batch is chunked."""
+  from resnorm_jax.models import transformer as transformer_lib
+  monkeypatch.setattr(transformer_lib, "LOSS_CHUNK_BYTES", 4 * 11 * 3 * 2)
+  model = Transformer(tiny(dropout_rate=0.0))
+  rng = np.random.default_rng(1)
+  src = jnp.asarray(rng.integers(3, 11, (3, 6)), jnp.int32)
+  tgt = jnp.asarray(rng.integers(3, 11, (3, 7)), jnp.int32).at[0, 5:].set(0)
+  assert transformer_lib.loss_chunks(tgt.shape, 11) > 1
+  params = model.init(jax.random.key(0), src, tgt)["params"]
+  tgt_in = shift_right(tgt, 1)
+
+  def via_logits(p):
+    logits = model.apply({"params": p}, src, tgt_in)
+    return transformer_lib.label_smoothed_cross_entropy(logits, tgt, 0, 0.1)[0]
+
+  def via_loss_sum(p):
+    return model.apply({"params": p}, src, tgt_in, tgt, 0.1, method=model.loss_sum)
+  np.testing.assert_allclose(via_loss_sum(params), via_logits(params), rtol=1e-6)
+  chex.assert_trees_all_close(jax.grad(via_loss_sum)(params), jax.grad(via_logits)(params),
+                              rtol=1e-5, atol=1e-6)

@@ -312,6 +312,45 @@ def label_smoothed_cross_entropy(logits: Array, targets: Array, pad_id: int = 0,
   return jnp.sum(loss * mask), jnp.sum(mask)
 
 
+# Logits a training loss materializes at once (float32, global batch): above this, the
+# output projection and the loss run over chunks of positions (chunked_cross_entropy).
+LOSS_CHUNK_BYTES = 64 * 2 ** 20
+
+
+def loss_chunks(shape: tuple[int, ...], vocab: int) -> int:
+  """How many chunks of target positions keep each chunk's float32 logits of a (B, T)
+  batch within :data:`LOSS_CHUNK_BYTES` (1: no chunking)."""
+  batch, length = shape
+  return int(min(length, max(1, -(-batch * length * vocab * 4 // LOSS_CHUNK_BYTES))))
+
+
+def chunked_cross_entropy(h: Array, w: Array, targets: Array, pad_id: int,
+                          smoothing: float, chunks: int) -> Array:
+  """Σ over non-pad targets of :func:`label_smoothed_cross_entropy` of the logits
+  ``h @ w`` (float32), computed ``chunks`` target positions slices at a time.
+
+  Each slice's logits are recomputed in the backward pass (``jax.checkpoint``), so at most
+  one slice's logits and their gradient exist at once instead of the whole (B, T, vocab)
+  tensor, its log-softmax and its gradient: with a 37k vocabulary a 25k-token batch has
+  3.7 GB of float32 logits.  Slices run along T (the batch axis stays whole, so a
+  batch-sharded h is never gathered).  The value equals the unchunked one up to the order of
+  the final sum."""
+  batch, length = targets.shape
+  size = -(-length // chunks)
+  pad = size * chunks - length
+  if pad:
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=pad_id)
+  hs = jnp.moveaxis(h.reshape(batch, chunks, size, h.shape[-1]), 1, 0)
+  ts = jnp.moveaxis(targets.reshape(batch, chunks, size), 1, 0)
+
+  @jax.checkpoint
+  def chunk_loss(h_chunk, t_chunk):
+    logits = jnp.dot(h_chunk, w).astype(jnp.float32)
+    return label_smoothed_cross_entropy(logits, t_chunk, pad_id, smoothing)[0]
+  return jnp.sum(lax.map(lambda args: chunk_loss(*args), (hs, ts)))
+
+
 def attention_implementation(requested: str, dtype) -> str:
   """The ``jax.nn.dot_product_attention`` implementation for ``requested``: ``auto`` is
   ``cudnn`` (fused flash attention) on a GPU for bfloat16/float16 compute, where cuDNN has
@@ -635,10 +674,11 @@ class Transformer(nn.Module):
   def decode(self, encoded: Array, src_mask: Array, tgt_in: Array,
              train: bool = False, *, src_segments: Array | None = None,
              tgt_segments: Array | None = None,
-             tgt_positions: Array | None = None) -> Array:
-    """Teacher-forced decoder: (B, T) decoder input ids -> (B, T, vocab) float32 logits.
-    Packed rows: segment ids of both sides, target positions within a segment; the real
-    target positions are then those with a segment (``tgt_segments > 0``)."""
+             tgt_positions: Array | None = None, hidden: bool = False) -> Array:
+    """Teacher-forced decoder: (B, T) decoder input ids -> (B, T, vocab) float32 logits
+    (``hidden``: the (B, T, d_model) output before the projection).  Packed rows: segment
+    ids of both sides, target positions within a segment; the real target positions are
+    then those with a segment (``tgt_segments > 0``)."""
     positions = tgt_positions
     if positions is None:
       self._check_length(tgt_in.shape[1], "target")
@@ -649,7 +689,32 @@ class Transformer(nn.Module):
     else:
       tgt_mask, segments = tgt_segments > 0, (src_segments, tgt_segments)
     h, _ = self.decoder(x, encoded, src_mask, tgt_mask, train=train, segments=segments)
-    return self.logits(h)
+    return h if hidden else self.logits(h)
+
+  def loss_sum(self, src: Array, tgt_in: Array, targets: Array, smoothing: float,
+               train: bool = False, *, src_segments: Array | None = None,
+               tgt_segments: Array | None = None, src_positions: Array | None = None,
+               tgt_positions: Array | None = None) -> Array:
+    """The training loss's numerator, Σ over non-pad ``targets`` of the label-smoothed cross
+    entropy of :meth:`__call__`'s logits, without holding a large batch's logits at once
+    (:func:`chunked_cross_entropy`, tied output projection; a small batch, or an untied one,
+    goes through the logits as they are)."""
+    cfg = self.config
+    packed = dict(src_segments=src_segments, tgt_segments=tgt_segments,
+                  src_positions=src_positions, tgt_positions=tgt_positions)
+    chunks = loss_chunks(targets.shape, cfg.vocab_size)
+    if chunks == 1 or not cfg.tie_output:
+      logits = self(src, tgt_in, train, **packed)
+      return label_smoothed_cross_entropy(logits, targets, cfg.pad_id, smoothing)[0]
+    if (src_segments is None) != (tgt_segments is None):
+      raise ValueError("packed rows need the segment ids of both sides")
+    encoded = self.encode(src, train=train, segments=src_segments, positions=src_positions)
+    h = self.decode(encoded, padding_mask(src, cfg.pad_id), tgt_in, train=train,
+                    src_segments=src_segments, tgt_segments=tgt_segments,
+                    tgt_positions=tgt_positions, hidden=True)
+    embedding = self._embedding("tgt")
+    h, table = embedding.promote_dtype(h, embedding.embedding, dtype=embedding.dtype)
+    return chunked_cross_entropy(h, table.T, targets, cfg.pad_id, smoothing, chunks)
 
   def __call__(self, src: Array, tgt_in: Array, train: bool = False, *,
                src_segments: Array | None = None, tgt_segments: Array | None = None,

@@ -556,9 +556,10 @@ def references(config, manifest: dict, count: int) -> list[str]:
   return out
 
 
-def _main(argv=None):
-  """``python -m resnorm_jax.tasks.translation.cache --config=... [--workdir=DIR]``:
-  prepare the cache without training (the training run does the same on its first start)."""
+def run(argv=None):
+  """``resnorm-prepare --config=... [--workdir=DIR]`` (or ``python -m
+  resnorm_jax.tasks.translation.cache``): prepare the cache without training (the training
+  run does the same on its first start)."""
   from absl import app, flags
   from ml_collections import config_flags
   from resnorm_jax import config as config_lib
@@ -569,13 +570,13 @@ def _main(argv=None):
     del argv
     config = flags.FLAGS.config
     try:
-      config_lib.validate(config, 1)
+      config_lib.validate(config, max(1, config.parallel.num_devices))
       directory = cache_directory(config, flags.FLAGS.workdir or "")
       if not directory:
         raise ConfigError("give --workdir or --config.translation.cache_dir")
       manifest = prepare(directory, config)
     except ConfigError as e:
-      print(f"error: {e}", file=sys.stderr)
+      print(f"resnorm-prepare: error: {e}", file=sys.stderr)
       sys.exit(2)
     print(f"{directory}: " + ", ".join(
         f"{s} {e['pairs']:,} pairs ({e['tokens']['src']:,} + {e['tokens']['tgt']:,} tokens)"
@@ -584,4 +585,4 @@ def _main(argv=None):
 
 
 if __name__ == "__main__":
-  _main()
+  run()

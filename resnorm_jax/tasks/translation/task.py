@@ -29,8 +29,8 @@ import numpy as np
 
 from resnorm_jax import models, parallelism, storage
 from resnorm_jax.errors import ConfigError
-from resnorm_jax.models.transformer import (label_smoothed_cross_entropy, padding_mask,
-                                            shift_right, shift_right_segments, target_mask)
+from resnorm_jax.models.transformer import (padding_mask, shift_right, shift_right_segments,
+                                            target_mask)
 from resnorm_jax.tasks import TASKS
 from resnorm_jax.tasks.base import LossOutput, Task
 from resnorm_jax.tasks.translation import cache, corpora, decoding, packing
@@ -131,10 +131,10 @@ class Translation(Task):
   def loss(self, model, variables, batch, key, apply_kwargs) -> LossOutput:
     src, tgt = batch["src"], batch["tgt"]
     packed = {k: batch[k] for k in PACKED_KEYS if k in batch}
-    logits, new_vars = model.apply(variables, src, self.decoder_input(batch), train=True,
-                                   rngs={"dropout": key}, **packed, **apply_kwargs)
-    loss_sum, _ = label_smoothed_cross_entropy(logits, tgt, corpora.PAD_ID,
-                                               float(self.config.train.label_smoothing))
+    loss_sum, new_vars = model.apply(
+        variables, src, self.decoder_input(batch), tgt,
+        float(self.config.train.label_smoothing), True, rngs={"dropout": key},
+        method=model.loss_sum, **packed, **apply_kwargs)
     real = lambda x: jnp.sum(x != corpora.PAD_ID).astype(jnp.float32)
     return LossOutput(loss_sum, {"src_real": real(src), "tgt_real": real(tgt),
                                  "size": jnp.float32(src.size)}, new_vars)
