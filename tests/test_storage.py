@@ -388,6 +388,39 @@ def test_iwslt_files_and_the_sentencepiece_model_in_a_bucket(tmp_path, gdir):
   assert sp.encode("a b") == again.encode("a b")
 
 
+@pytest.mark.slow
+def test_a_translation_run_keeps_its_vocabulary_and_token_cache_in_a_bucket(tmp_path, gdir):
+  """IWSLT'15 files read from the bucket, SentencePiece model and prepared token cache
+  written there, translations and checkpoints too; the resumed run reuses the cache (the
+  manifest is not rewritten) and ends where a local run of the same steps ends."""
+  from test_translation import tiny_config as translation_config
+  from resnorm_jax.tasks.translation import cache
+  lines = {lang: [" ".join(f"{lang}{(i * 7 + j) % 11}" for j in range(1 + i % 5))
+                  for i in range(120)] for lang in ("en", "vi")}
+  for split, count in (("train", 120), ("tst2013", 8)):
+    for lang in ("en", "vi"):
+      body = "".join(l + "\n" for l in lines[lang][:count])
+      storage.write_text(storage.join(gdir, "data", f"{split}.{lang}"), body)
+      (tmp_path / f"{split}.{lang}").write_text(body)
+  overrides = {"train.steps": 2, "parallel.num_devices": 1}
+  run = storage.join(gdir, "run")
+  with fast_compile_options():
+    training.train_and_evaluate(translation_config(storage.join(gdir, "data"), **overrides),
+                                run)
+    manifest = storage.join(run, cache.TOKENS_DIR, cache.MANIFEST)
+    before = storage.read_bytes(manifest)
+    assert storage.exists(storage.join(run, "spm.model"))
+    assert storage.exists(storage.join(run, "translations", "step_2.txt"))
+    overrides["train.steps"] = 3
+    resumed = training.train_and_evaluate(
+        translation_config(storage.join(gdir, "data"), **overrides), run)
+    assert resumed["start_step"] == 2 and storage.read_bytes(manifest) == before
+    local = training.train_and_evaluate(translation_config(str(tmp_path), **overrides),
+                                        str(tmp_path / "run"))
+  chex.assert_trees_all_equal(jax.device_get(resumed["state"].params),
+                              jax.device_get(local["state"].params))
+
+
 # ----------------------------------------------------------------------------------------
 # Sweep and analysis into a bucket.
 # ----------------------------------------------------------------------------------------
