@@ -66,17 +66,15 @@ _PROG = ["resnorm-train"]  # the running command's name, set by run_command
 
 def fail(message: str, code: int = EXIT_USAGE):
   print(f"{_PROG[0]}: error: {message}", file=sys.stderr)
-  if code != EXIT_USAGE:
-    _quiet_closed_loop_at_exit()
   sys.exit(code)
 
 
-def _quiet_closed_loop_at_exit() -> None:
-  """After a failed run the interpreter may shut down while a storage thread (orbax's
-  checkpoint writer, gcsfs's I/O loop) still schedules a callback on its closed event loop;
-  Python then prints "Exception ignored ... RuntimeError: Event loop is closed" with a
-  traceback after our one-line error.  That one harmless shutdown report is dropped; any
-  other unraisable exception is printed as usual."""
+def quiet_closed_loop_reports() -> None:
+  """When a checkpoint write fails (disk full, a store gone), orbax closes its event loop
+  while TensorStore's C++ threads still complete futures whose callbacks schedule work on
+  it; Python reports each as "Exception ignored in: None ... RuntimeError: Event loop is
+  closed" with a traceback, around the command's one-line error.  Those reports are
+  dropped for the whole command; any other unraisable exception is printed as usual."""
   default = sys.unraisablehook
 
   def hook(unraisable):
@@ -237,6 +235,7 @@ def run_command(prog: str, define, main_fn, flags_parser) -> None:
   """Runs a console command: defines its flags (config_flags reads the command line while
   defining, so errors there are one line too) and runs ``main_fn`` under absl."""
   _PROG[0] = prog
+  quiet_closed_loop_reports()
   try:
     define()
   except Exception as e:  # pylint: disable=broad-except

@@ -534,3 +534,21 @@ def test_dropout_in_jit_does_not_depend_on_the_device_count():
                                     "model.shortcut": "dropout:0.5"}))
   one, eight = run(1), run(8)
   chex.assert_trees_all_close(eight.params, one.params, atol=2e-6, rtol=1e-5)
+
+
+def test_closed_event_loop_reports_are_dropped_and_others_kept():
+  """The commands drop Python's "Event loop is closed" unraisable reports (TensorStore
+  callbacks after orbax closed its loop on a failed write) and keep every other one."""
+  import subprocess
+  import sys
+  code = ("from resnorm_jax.train import quiet_closed_loop_reports\n"
+          "quiet_closed_loop_reports()\n"
+          "class Closed:\n"
+          "  def __del__(self): raise RuntimeError('Event loop is closed')\n"
+          "class Other:\n"
+          "  def __del__(self): raise ValueError('kept')\n"
+          "Closed(); Other()\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0
+  assert "Event loop is closed" not in done.stderr and "ValueError: kept" in done.stderr
