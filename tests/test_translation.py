@@ -195,6 +195,7 @@ def test_three_execution_styles_agree_on_a_translation_step(tmp_path, skip, pack
                                 rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_chunked_loss_steps_equal_the_unchunked_ones_in_every_style(tmp_path, monkeypatch):
   """With the loss chunk budget lowered so that every toy batch is chunked
   (models/transformer.py:chunked_cross_entropy), the jit and shard_map steps on 8 devices
