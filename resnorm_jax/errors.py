@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import signal
+import sys
 
 __all__ = ["ConfigError", "NonFiniteLossError", "WorkdirLockedError", "StorageError",
            "EXIT_OK", "EXIT_NONFINITE", "EXIT_USAGE", "EXIT_PEER_LOST", "EXIT_LOCKED",
@@ -121,6 +122,29 @@ class _StorageLogFilter(logging.Filter):
     except Exception:  # pylint: disable=broad-except
       return True
     return not any(message in text for message in _MESSAGES)
+
+
+def quiet_failed_write_reports() -> None:
+  """For the rest of the process (a command calls it first): the reports a failed
+  checkpoint write leaves behind after the command has said it in one line are dropped.
+
+  * asyncio's "Task exception was never retrieved" for orbax's write tasks, logged when the
+    task is garbage-collected -- often after :func:`quiet_storage_logs`' block has ended, at
+    shutdown -- with the storage failure's traceback (a filter on the ``asyncio`` logger:
+    other asyncio errors are kept);
+  * "Exception ignored in: None ... RuntimeError: Event loop is closed": TensorStore's C++
+    threads completing futures whose callbacks schedule work on the loop orbax has closed
+    (an unraisable-exception hook: every other unraisable exception is printed as usual).
+  """
+  logging.getLogger("asyncio").addFilter(_StorageLogFilter())
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and \
+        "Event loop is closed" in str(unraisable.exc_value):
+      return
+    default(unraisable)
+  sys.unraisablehook = hook
 
 
 @contextlib.contextmanager

@@ -69,22 +69,6 @@ def fail(message: str, code: int = EXIT_USAGE):
   sys.exit(code)
 
 
-def quiet_closed_loop_reports() -> None:
-  """When a checkpoint write fails (disk full, a store gone), orbax closes its event loop
-  while TensorStore's C++ threads still complete futures whose callbacks schedule work on
-  it; Python reports each as "Exception ignored in: None ... RuntimeError: Event loop is
-  closed" with a traceback, around the command's one-line error.  Those reports are
-  dropped for the whole command; any other unraisable exception is printed as usual."""
-  default = sys.unraisablehook
-
-  def hook(unraisable):
-    if isinstance(unraisable.exc_value, RuntimeError) and \
-        "Event loop is closed" in str(unraisable.exc_value):
-      return
-    default(unraisable)
-  sys.unraisablehook = hook
-
-
 def describe_error(error: BaseException) -> str:
   """One line for a flag/config error: the outermost message plus a ConfigError cause."""
   messages, seen = [], set()
@@ -235,7 +219,7 @@ def run_command(prog: str, define, main_fn, flags_parser) -> None:
   """Runs a console command: defines its flags (config_flags reads the command line while
   defining, so errors there are one line too) and runs ``main_fn`` under absl."""
   _PROG[0] = prog
-  quiet_closed_loop_reports()
+  errors.quiet_failed_write_reports()
   try:
     define()
   except Exception as e:  # pylint: disable=broad-except

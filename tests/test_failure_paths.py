@@ -541,8 +541,15 @@ def test_closed_event_loop_reports_are_dropped_and_others_kept():
   callbacks after orbax closed its loop on a failed write) and keep every other one."""
   import subprocess
   import sys
-  code = ("from resnorm_jax.train import quiet_closed_loop_reports\n"
-          "quiet_closed_loop_reports()\n"
+  code = ("import asyncio, logging\n"
+          "from resnorm_jax.errors import quiet_failed_write_reports\n"
+          "quiet_failed_write_reports()\n"
+          "log = logging.getLogger('asyncio')\n"
+          "try:\n"
+          "  raise OSError(28, 'No space left on device')\n"
+          "except OSError as e:\n"
+          "  log.error('Task exception was never retrieved', exc_info=e)\n"
+          "log.error('another asyncio error is kept')\n"
           "class Closed:\n"
           "  def __del__(self): raise RuntimeError('Event loop is closed')\n"
           "class Other:\n"
@@ -552,3 +559,5 @@ def test_closed_event_loop_reports_are_dropped_and_others_kept():
                         timeout=120)
   assert done.returncode == 0
   assert "Event loop is closed" not in done.stderr and "ValueError: kept" in done.stderr
+  assert "never retrieved" not in done.stderr and "No space" not in done.stderr
+  assert "another asyncio error is kept" in done.stderr
