@@ -134,14 +134,18 @@ class MetricWriter:
   def sync(self) -> None:
     """Makes every record written so far durable (called when a checkpoint is saved)."""
     if self.on_bucket:
-      for filename in list(self._dirty):
-        self._upload(filename)
+      self._upload_dirty()
     else:
       for f in self._files.values():
         f.flush()
         os.fsync(f.fileno())
     if self._tb is not None:
       self._tb.flush()
+
+  def _upload_dirty(self) -> None:
+    """Uploads every JSON-lines file with records not yet in the bucket (whole objects)."""
+    for filename in list(self._dirty):
+      self._upload(filename)
 
   def _scalars(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     if self._tb is not None:
@@ -150,8 +154,7 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.on_bucket:
-      for filename in list(self._dirty):
-        self._upload(filename)
+      self._upload_dirty()
     else:
       for f in self._files.values():
         f.close()

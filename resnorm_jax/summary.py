@@ -96,11 +96,10 @@ def summary_inputs(config):
   """(model, example inputs with batch 1, call kwargs, FLOPs not in layers) of ``config``'s
   model family, with the data shapes its task knows from the config alone."""
   from resnorm_jax import models, tasks
-  model = models.build_model(config, models.norm_context(config),
-                             tasks.task_class(config).static_data(config))
-  family = models.family(config)
-  return (model, models.example_inputs(config, tasks.task_class(config).static_data(config)),
-          {"train": False}, family.meta["extra_flops"](config, model))
+  data = tasks.task_class(config).static_data(config)
+  model = models.build_model(config, models.norm_context(config), data)
+  return (model, models.example_inputs(config, data), {"train": False},
+          models.family(config).meta["extra_flops"](config, model))
 
 
 def summarize_config(config) -> str:

@@ -41,7 +41,9 @@ def _free_port() -> int:
 
 def start_emulator(bucket: str) -> tuple[subprocess.Popen, int]:
   """A GCS emulator process on a free port of 127.0.0.1 holding ``bucket``; (process, port)."""
-  pytest.importorskip("gcp_storage_emulator")
+  # No skip: the emulator is in the test extra (pyproject), so a missing one is a broken
+  # install and must fail, not silently drop every gs:// test.
+  import gcp_storage_emulator  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   port = _free_port()
   server = subprocess.Popen(   # gcp-storage-emulator (see tests/gcs_emulator.py)
       [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(port), bucket],
@@ -226,14 +228,20 @@ def _tree(seed):
           "step": np.int32(seed)}
 
 
-def test_a_checkpoint_without_its_commit_marker_is_never_taken_as_complete(gdir):
-  # On GCS orbax writes a step in place and marks it complete with commit_success.txt last;
-  # a write cut by a store error leaves a step without the marker.
+def _save_steps_1_and_2(gdir) -> str:
+  """Checkpoints of steps 1 and 2 (``_tree``) in the bucket; their directory."""
   directory = storage.join(gdir, "checkpoints")
   with checkpointing.Checkpointer(directory, keep=5, every_steps=1) as ckpt:
     for step in (1, 2):
       ckpt.save(step, _tree(step), force=True)
     ckpt.wait()
+  return directory
+
+
+def test_a_checkpoint_without_its_commit_marker_is_never_taken_as_complete(gdir):
+  # On GCS orbax writes a step in place and marks it complete with commit_success.txt last;
+  # a write cut by a store error leaves a step without the marker.
+  directory = _save_steps_1_and_2(gdir)
   assert storage.listdir(storage.join(directory, "2")).count("commit_success.txt") == 1
   storage.remove(storage.join(directory, "2", "commit_success.txt"))
   with checkpointing.Checkpointer(directory, keep=5, every_steps=1) as ckpt:
@@ -244,11 +252,7 @@ def test_a_checkpoint_without_its_commit_marker_is_never_taken_as_complete(gdir)
 
 
 def test_an_unreadable_newest_checkpoint_on_a_bucket_falls_back(gdir):
-  directory = storage.join(gdir, "checkpoints")
-  with checkpointing.Checkpointer(directory, keep=5, every_steps=1) as ckpt:
-    for step in (1, 2):
-      ckpt.save(step, _tree(step), force=True)
-    ckpt.wait()
+  directory = _save_steps_1_and_2(gdir)
   data = [p for p in storage.files_under(storage.join(directory, "2")) if "/d/" in p]
   assert data
   for p in data:
