@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import tarfile
 
@@ -14,6 +15,11 @@ import numpy as np
 from resnorm_jax import config as config_lib, parallelism, storage, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# tiny_config's longest reductions (weight gradients and BatchNorm statistics of its 32x32
+# stage): batch 16 x 32 x 32 positions per step.
+TINY_TERMS = 16 * 32 * 32
 
 
 def tiny_config(**overrides):
@@ -35,6 +41,72 @@ def tiny_config(**overrides):
     section, name = key.split(".")
     c[section][name] = value
   return c
+
+
+# ----------------------------------------------------------------------------------------
+# Tolerances from float32 rounding.
+# ----------------------------------------------------------------------------------------
+F32_ROUNDOFF = 2.0 ** -24   # u: the largest relative error of one float32 rounding
+
+
+def reordering_tolerance(terms: int, sigmas: float = 3.0) -> float:
+  """Relative tolerance for two float32 computations of one quantity that differ only in
+  how their sums are ordered and split (device counts, execution styles, process counts,
+  a resumed run's step, a fused or rewritten program).
+
+  Derivation: each float32 addition rounds with a relative error of at most u = 2⁻²⁴.
+  Adding n terms in two different orders gives results whose difference is a sum of n
+  rounding errors of either sign; modelled as independent (Higham & Mary, "A new approach to
+  probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019) it stays below
+  λ·√n·u times the magnitude of the terms with probability ≥ 1 − 2·exp(−λ²/2) (λ = 3:
+  0.989 per compared sum; the largest magnitude of the compared leaf stands for the terms').
+  ``terms`` is n for the longest reduction that differs between the two computations, e.g.
+  batch × positions for a convolution's weight gradient or a BatchNorm statistic.
+  """
+  return sigmas * math.sqrt(terms) * F32_ROUNDOFF
+
+
+def assert_states_close(a, b, terms: int, what: str = "",
+                        names=("opt_state", "batch_stats", "params"), cancelling=()) -> None:
+  """Two training states agree to float32 rounding (:func:`assert_trees_close_to_rounding`),
+  the optimizer state (its traces are the gradients) first.  For k steps, ``terms`` is k
+  times a step's: the rounding errors of every step's sums add up, and the small learning
+  rates of these tests do not amplify them noticeably within a few steps.  Beyond one step
+  this assumes no ReLU input lies within rounding of zero: one that does takes the other
+  side in one of the computations and moves a gradient by far more than rounding (see
+  test_failure_paths.QUICKSTART_ONE_STEP); the multi-step comparisons here are checked to
+  have none."""
+  for name in names:
+    assert_trees_close_to_rounding(getattr(a, name), getattr(b, name), terms, f"{what} {name}",
+                                   cancelling)
+
+
+def assert_trees_close_to_rounding(actual, expected, terms: int, what: str = "",
+                                   cancelling: tuple[str, ...] = ()) -> None:
+  """Every leaf of ``actual`` equals ``expected``'s within
+  ``reordering_tolerance(terms) · scale`` (see there for the derivation), where the scale is
+  the leaf's largest magnitude.  Leaves whose path contains one of ``cancelling`` are zero
+  in theory (e.g. attention key biases: softmax does not change when every logit of a row
+  gets the same q·b), so they hold only the residue of terms as large as the rest of the
+  tree's; their scale is the largest magnitude in the whole tree.  The message names the
+  leaf, its relative difference and the tolerance."""
+  tol = reordering_tolerance(terms)
+  leaves_a = jax.tree_util.tree_leaves_with_path(actual)
+  leaves_e = [np.asarray(e, np.float64) for e in jax.tree_util.tree_leaves(expected)]
+  assert len(leaves_a) == len(leaves_e), f"{what}: different trees"
+  tree_scale = max((float(np.max(np.abs(e))) for e in leaves_e if e.size), default=0.0)
+  for (path, a), e in zip(leaves_a, leaves_e):
+    name = jax.tree_util.keystr(path)
+    a = np.asarray(a, np.float64)
+    assert a.shape == e.shape, f"{what}{name}: shapes {a.shape} {e.shape}"
+    if not e.size:
+      continue
+    scale = (tree_scale if any(c in name for c in cancelling)
+             else float(np.max(np.abs(e))))
+    diff = float(np.max(np.abs(a - e)))
+    assert diff <= tol * scale or diff == 0.0, (
+        f"{what}{name}: max |difference| {diff:.3g} is {diff / max(scale, 1e-300):.3g} of "
+        f"the scale {scale:.3g}; float32 rounding over {terms} terms allows {tol:.3g}")
 
 
 def run_steps(config, steps=3):
