@@ -85,24 +85,33 @@ def assert_trees_close_to_rounding(actual, expected, terms: int, what: str = "",
                                    cancelling: tuple[str, ...] = ()) -> None:
   """Every leaf of ``actual`` equals ``expected``'s within
   ``reordering_tolerance(terms) · scale`` (see there for the derivation), where the scale is
-  the leaf's largest magnitude.  Leaves whose path contains one of ``cancelling`` are zero
-  in theory (e.g. attention key biases: softmax does not change when every logit of a row
-  gets the same q·b), so they hold only the residue of terms as large as the rest of the
-  tree's; their scale is the largest magnitude in the whole tree.  The message names the
-  leaf, its relative difference and the tolerance."""
+  the leaf's largest magnitude.  A leaf that is zero in theory holds only the residue of
+  terms as large as the rest of the tree's: e.g. attention key biases (softmax does not
+  change when every logit of a row gets the same q·b) or a bias right before a BatchNorm
+  (which removes it).  Its scale is the largest magnitude in the whole tree; such leaves
+  are named in ``cancelling`` (substrings of their paths) or recognized by a magnitude
+  below the tolerance times the tree's largest.  The message names the leaf, its relative
+  difference and the tolerance."""
   tol = reordering_tolerance(terms)
   leaves_a = jax.tree_util.tree_leaves_with_path(actual)
-  leaves_e = [np.asarray(e, np.float64) for e in jax.tree_util.tree_leaves(expected)]
+  leaves_e = [np.asarray(e) for e in jax.tree_util.tree_leaves(expected)]
   assert len(leaves_a) == len(leaves_e), f"{what}: different trees"
-  tree_scale = max((float(np.max(np.abs(e))) for e in leaves_e if e.size), default=0.0)
+  floating = lambda x: np.issubdtype(x.dtype, np.floating)
+  tree_scale = max((float(np.max(np.abs(e))) for e in leaves_e if e.size and floating(e)),
+                   default=0.0)
   for (path, a), e in zip(leaves_a, leaves_e):
     name = jax.tree_util.keystr(path)
-    a = np.asarray(a, np.float64)
+    a = np.asarray(a)
     assert a.shape == e.shape, f"{what}{name}: shapes {a.shape} {e.shape}"
+    if not floating(e):   # step counters: equal
+      np.testing.assert_array_equal(a, e, err_msg=f"{what}{name}")
+      continue
     if not e.size:
       continue
-    scale = (tree_scale if any(c in name for c in cancelling)
-             else float(np.max(np.abs(e))))
+    a, e = a.astype(np.float64), e.astype(np.float64)
+    scale = float(np.max(np.abs(e)))
+    if any(c in name for c in cancelling) or scale < tol * tree_scale:
+      scale = tree_scale
     diff = float(np.max(np.abs(a - e)))
     assert diff <= tol * scale or diff == 0.0, (
         f"{what}{name}: max |difference| {diff:.3g} is {diff / max(scale, 1e-300):.3g} of "
