@@ -181,6 +181,7 @@ def enabled(config) -> bool:
 # overwrite form, with the enum's full names, comma separated.
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _YNN_KEEP = ("individual_dot", "reduce")
+_YNN_JAXLIB_DEFAULT = ("individual_dot", "individual_convolution", "reduce")
 # jaxlib versions [low, high) whose XLA knows the option and those enum names (verified on
 # 0.10.2).  XLA refuses an unknown option, so any other version (the GPU machine's 0.11.x
 # included, until measured there) gets nothing: its own default.
@@ -204,7 +205,16 @@ def compiler_options(platform: str, config=None, *, version: str | None = None) 
   if (platform != "cpu" or (config is not None and not enabled(config))
       or not library_fusions_known(version)):
     return {}
-  return {YNN_FUSION_OPTION: ",".join("LIBRARY_FUSION_TYPE_" + t.upper() for t in _YNN_KEEP)}
+  return {YNN_FUSION_OPTION: _option_value(_YNN_KEEP)}
+
+
+def _option_value(types) -> str:
+  return ",".join("LIBRARY_FUSION_TYPE_" + t.upper() for t in types)
+
+
+# jaxlib 0.10.x's own default, written out as a compiler option: to compare against it in a
+# process whose XLA_FLAGS already hold :func:`xla_flag` (tests, benchmarks).
+JAXLIB_DEFAULT_OPTIONS = {YNN_FUSION_OPTION: _option_value(_YNN_JAXLIB_DEFAULT)}
 
 
 def with_options(options: dict | None, platform: str, config=None) -> dict:

@@ -110,10 +110,6 @@ def test_scanned_resnet_train_step_same_with_and_without_the_workarounds():
 # ----------------------------------------------------------------------------------------
 # Convolutions on XLA's own kernels instead of YNNPACK's (compiler_options).
 # ----------------------------------------------------------------------------------------
-# jaxlib 0.10.x's own default list, written out: the in-process default is the suite's
-# XLA_FLAGS setting (tests/conftest.py), so the library path must be asked for explicitly.
-_JAXLIB_DEFAULT = {cpu_workarounds.YNN_FUSION_OPTION: ",".join(
-    "LIBRARY_FUSION_TYPE_" + t for t in ("INDIVIDUAL_DOT", "INDIVIDUAL_CONVOLUTION", "REDUCE"))}
 _needs_verified_jaxlib = pytest.mark.skipif(
     not cpu_workarounds.library_fusions_known(),
     reason=f"jaxlib {jaxlib.__version__}: the compiler option is verified on 0.10.x only")
@@ -164,7 +160,9 @@ def test_resnet_gradients_on_xla_convolutions_equal_the_library_path():
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), y])
 
   grad = jax.grad(loss)
-  library = jax.jit(grad, compiler_options=_JAXLIB_DEFAULT)
+  # The in-process default is the suite's XLA_FLAGS setting (tests/conftest.py): jaxlib's
+  # own default is asked for explicitly.
+  library = jax.jit(grad, compiler_options=cpu_workarounds.JAXLIB_DEFAULT_OPTIONS)
   ours = jax.jit(grad, compiler_options=cpu_workarounds.compiler_options("cpu", config))
   hlo = {name: f.lower(variables["params"]).compile().as_text()
          for name, f in (("library", library), ("ours", ours))}
