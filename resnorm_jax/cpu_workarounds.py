@@ -222,12 +222,16 @@ def with_options(options: dict | None, platform: str, config=None) -> dict:
   return {**compiler_options(platform, config), **(options or {})}
 
 
+def hlo_computations(hlo: str) -> dict[str, str]:
+  """``name -> text`` of each non-entry computation of a compiled program's text."""
+  return {m.group(1): m.group(0) for m in re.finditer(r"^%(\S+) \(.*?^}", hlo, re.M | re.S)}
+
+
 def library_convolutions(hlo: str) -> int:
   """How many convolutions of a compiled program's text (``.compile().as_text()``) run
   inside a YNNPACK fusion: the count of ``__ynn_fusion`` instructions whose fused
   computation holds a ``convolution``."""
-  bodies = {m.group(1): m.group(0)
-            for m in re.finditer(r"^%(\S+) \(.*?^}", hlo, re.M | re.S)}
+  bodies = hlo_computations(hlo)
   calls = re.findall(r"kind=kCustom, calls=%([^,\s]+).*__ynn_fusion", hlo)
   return sum("convolution(" in bodies.get(name, "") for name in calls)
 
