@@ -64,6 +64,12 @@ def _instructions(hlo: str) -> dict[str, tuple[str, str]]:
   return out
 
 
+def _text_and_names(line: str, body: str) -> tuple[str, str]:
+  """An instruction with its fused computation, and the JAX name stacks in its metadata."""
+  text = body + line
+  return text, " ".join(re.findall(r'op_name="([^"]*)"', text))
+
+
 def _conv_class(line: str, body: str) -> str | None:
   text = body or line
   conv = re.search(r"= (\S+) convolution\(.*", text)
@@ -83,8 +89,7 @@ def classify_resnet(line: str, body: str) -> str:
   conv = _conv_class(line, body)
   if conv:
     return conv
-  text = body + line
-  op_names = " ".join(re.findall(r'op_name="([^"]*)"', text))
+  text, op_names = _text_and_names(line, body)
   if "transpose_copy" in line or re.search(r"= \S+ transpose\(", body):
     return "layout transposes"
   if not re.search(r"jvp\(", op_names):
@@ -97,8 +102,7 @@ def classify_resnet(line: str, body: str) -> str:
 
 
 def classify_transformer(line: str, body: str) -> str:
-  text = body + line
-  op_names = " ".join(re.findall(r'op_name="([^"]*)"', text))
+  text, op_names = _text_and_names(line, body)
   if not re.search(r"jvp\(", op_names):
     return "optimizer"
   if " dot(" in text:
