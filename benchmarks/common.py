@@ -63,6 +63,19 @@ def median(xs) -> float:
   return float(statistics.median(xs))
 
 
+def SPEED_RATIO_COLUMNS(prefix: str) -> list[str]:  # pylint: disable=invalid-name
+  return [f"{prefix} (median)", f"{prefix} (min)", f"{prefix} (per round)"]
+
+
+def speed_ratios(reference: list[float], ours: list[float], prefix: str) -> dict[str, float]:
+  """The reference's time over ours (above 1: we are faster), three ways: of the medians,
+  of the minima, and the median over rounds of each round's ratio (the two calls of a round
+  run back to back, so a load change between rounds cancels)."""
+  return dict(zip(SPEED_RATIO_COLUMNS(prefix), (
+      median(reference) / median(ours), min(reference) / min(ours),
+      median([r / o for r, o in zip(reference, ours)]))))
+
+
 def matmul_peak_flops(dtype: str = "float32", sizes=(1024, 2048, 4096),
                       repeats: int = 5) -> float:
   """The device's measured dense matmul throughput (FLOP/s): the best median over square
@@ -92,6 +105,7 @@ def environment() -> dict:
       "jax": jax.__version__,
       "jaxlib": jaxlib.__version__,
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+      "load_average": os.getloadavg(),
   }
   try:
     import flax

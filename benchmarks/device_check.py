@@ -25,7 +25,8 @@ tolerance):
   * bfloat16 against float32: loss and gradient direction of a ResNet and a Transformer from
     the same parameters, norm statistics float32;
 gating: the CPU-only workarounds (``materialize_grad``'s conditional, the convolution layout
-rewrite) are on exactly when the backend is the CPU; the attention implementation chosen;
+rewrite, XLA's own convolution kernels by compiler option where the jaxlib is verified) are on
+exactly when the backend is the CPU; the attention implementation chosen;
 speed (ratios measured in this run, each by its benchmark script's ``main``):
   * PreAct-ResNet-110, batch 128, float32 and bfloat16: framework and bare step against
     PyTorch (AMP bfloat16, channels-last and NCHW) when torch is importable
@@ -248,8 +249,10 @@ FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expen
 
 def jit_once(fn):
   import jax
-  options = FAST_CPU_COMPILE if jax.default_backend() == "cpu" else None
-  return jax.jit(fn, compiler_options=options)
+  from resnorm_jax import cpu_workarounds
+  backend = jax.default_backend()
+  options = FAST_CPU_COMPILE if backend == "cpu" else None
+  return jax.jit(fn, compiler_options=cpu_workarounds.with_options(options, backend))
 
 
 def _precision_pair(fn, *args):
@@ -479,6 +482,7 @@ def gating(scale) -> dict:
   import importlib.util
   import jax
   import jax.numpy as jnp
+  import jaxlib
   from resnorm_jax import cpu_workarounds
   from resnorm_jax.models.transformer import attention_implementation
   backend = jax.default_backend()
@@ -493,12 +497,19 @@ def gating(scale) -> dict:
   except AssertionError:
     materialized = 1.0
   rewrite_fn = lambda a: a
-  rewrite_on = cpu_workarounds.for_platform(rewrite_fn, jax.devices()[0].platform) is not rewrite_fn
+  platform = jax.devices()[0].platform
+  rewrite_on = cpu_workarounds.for_platform(rewrite_fn, platform) is not rewrite_fn
+  # XLA's own convolutions (compiler options): on CPU with a verified jaxlib, never elsewhere.
+  options_on = bool(cpu_workarounds.compiler_options(platform))
+  options_expected = on_cpu and cpu_workarounds.library_fusions_known()
   checks = [
       check(f"materialize_grad conditionals {'on' if on_cpu else 'off'} ({backend})",
             materialized, 0.0),
       check(f"conv layout rewrite {'on' if on_cpu else 'off'} ({backend})",
             0.0 if rewrite_on == on_cpu else 1.0, 0.0),
+      check(f"XLA convolution compiler options {'on' if options_expected else 'off'} "
+            f"({backend}, jaxlib {jaxlib.__version__})",
+            0.0 if options_on == options_expected else 1.0, 0.0),
   ]
   return {"checks": checks, "backend": backend,
           "attention_auto": {d: attention_implementation("auto", getattr(jnp, d))

@@ -6,13 +6,18 @@ One run times, interleaved round by round so that any background load hits all a
   on-device gather + crop/flip augmentation + normalization, the train step with its
   non-finite guard, gradient norm and metrics (configs/cifar_resnet.py, synthetic data);
 * ``bare jit``   – the same Flax model and SGD-Nesterov update in one ``jax.jit`` with
-  donated buffers and nothing else (the framework's overhead is framework / bare, the
-  median of the per-round ratios); ``--guards auto,where,cond`` adds a framework row per
-  further ``train.nonfinite_guard``;
+  donated buffers and the framework's CPU compiler options
+  (``cpu_workarounds.compiler_options``) and nothing else (the framework's overhead is
+  framework / bare, the median of the per-round ratios); ``--guards auto,where,cond`` adds a
+  framework row per further ``train.nonfinite_guard``; ``--library_convs`` adds ``bare jit,
+  YNNPACK convs``: the same step with jaxlib's default library fusions (what the framework
+  compiled before XLA's own convolutions became its CPU default);
 * ``torch cl`` / ``torch nchw`` – the same network written in PyTorch, eager, channels-last
   and default layout (He et al. 2016's full pre-activation unit, 1x1 projection shortcuts
   at the stage transitions, same widths, BatchNorm momentum, SGD-Nesterov, weight decay);
   ``--dtype bfloat16`` uses ``torch.autocast`` there (AMP);
+* ``vs torch`` – PyTorch channels-last's time over the row's (above 1: faster than
+  PyTorch): of the medians, of the minima, and the median of the per-round ratios;
 * MFU – analytic model FLOPs (``resnorm-summary``'s count, x3 for forward + backward) per
   second over the device's measured dense matmul peak (``benchmarks/common.py``).
 
@@ -33,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from resnorm_jax import models, parallelism, summary, training  # noqa: E402
+from resnorm_jax import cpu_workarounds, models, parallelism, summary, training  # noqa: E402
 from resnorm_jax.experiments import load_config_module  # noqa: E402
 from resnorm_jax.summary import model_summary  # noqa: E402
 
@@ -81,7 +86,7 @@ class FrameworkStep:
 class BareStep:
   """The same model and optimizer in one jitted function: no guards, no data pipeline."""
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, compiler_options=None):
     n = cfg.train.batch_size
     self.model = models.build_model(cfg, models.norm_context(cfg, 1, None),
                                     models.DataInfo(10, (32, 32, 3)))
@@ -93,7 +98,9 @@ class BareStep:
                           optax.sgd(0.1, 0.9, nesterov=True))
     params = variables["params"]
     self.state = (params, variables.get("batch_stats", {}), self.tx.init(params))
-    self.step = jax.jit(self._step, donate_argnums=0)
+    if compiler_options is None:
+      compiler_options = cpu_workarounds.compiler_options(jax.default_backend(), cfg)
+    self.step = jax.jit(self._step, donate_argnums=0, compiler_options=compiler_options)
 
   def _step(self, state, x, y):
     params, batch_stats, opt_state = state
@@ -192,6 +199,9 @@ def main(argv=None) -> dict:
                  help="train.nonfinite_guard of the framework row, then one row per further "
                       "guard (e.g. auto,where,cond)")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+  p.add_argument("--library_convs", action="store_true",
+                 help="also time the bare step with jaxlib's default library fusions "
+                      "(YNNPACK convolutions)")
   p.add_argument("--peak_sizes", default="1024,2048",
                  help="square matmul sizes for the measured peak")
   p.add_argument("--json", default="", help="also write the figures to this file")
@@ -204,6 +214,8 @@ def main(argv=None) -> dict:
     guarded.train.nonfinite_guard = guard
     steps["framework" if i == 0 else f"framework, {guard} guard"] = FrameworkStep(guarded)
   steps["bare jit"] = BareStep(cfg)
+  if args.library_convs:
+    steps["bare jit, YNNPACK convs"] = BareStep(cfg, cpu_workarounds.JAXLIB_DEFAULT_OPTIONS)
   if args.scan_stages:
     steps["framework, scanned stages"] = FrameworkStep(
         make_config(args.depth, args.batch, args.dtype, scan_stages=True))
@@ -223,20 +235,23 @@ def main(argv=None) -> dict:
       "bfloat16" if args.dtype == "bfloat16" else "float32",
       sizes=tuple(int(s) for s in args.peak_sizes.split(",")))
   medians = {k: common.median(v) for k, v in times.items()}
-  reference = medians.get("torch channels-last")
+  torch_times = times.get("torch channels-last")
   rows = []
   for name, t in medians.items():
     rows.append({
-        "step": name, "median s": t, "examples/s": args.batch / t,
-        "vs torch cl (speed)": (reference / t) if reference else "",
+        "step": name, "median s": t, "min s": min(times[name]), "examples/s": args.batch / t,
+        **(common.speed_ratios(torch_times, times[name], "vs torch") if torch_times else {}),
         "vs bare (time)": common.median([a / b for a, b in zip(times[name],
                                                                 times["bare jit"])]),
         "MFU": flops_per_step / t / peak, "first call s": first_call[name],
     })
   title = (f"PreAct-ResNet-{args.depth}, batch {args.batch}, {args.dtype}, "
            f"{common.environment()['device']} ({jax.default_backend()})")
-  common.print_table(title, rows, ["step", "median s", "examples/s", "vs torch cl (speed)",
+  common.print_table(title, rows, ["step", "median s", "min s", "examples/s",
+                                   *common.SPEED_RATIO_COLUMNS("vs torch"),
                                    "vs bare (time)", "MFU", "first call s"])
+  print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}; framework compiler "
+        f"options: {cpu_workarounds.compiler_options(jax.default_backend(), cfg)}")
   print(f"\nparameters: ours {jax_params:,}"
         + (f", torch {torch_params:,}" if torch_params else "")
         + f"; analytic {flops_per_step / 1e9:.1f} GFLOP/step; measured matmul peak "

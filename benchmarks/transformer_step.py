@@ -64,6 +64,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from resnorm_jax import cpu_workarounds  # noqa: E402
+
 CONFIG_FILE = os.path.join(common.REPO, "configs", "wmt14_ende_transformer.py")
 
 
@@ -142,7 +144,8 @@ def make_bare_step(model, tx, smoothing: float):
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1),
+                 compiler_options=cpu_workarounds.compiler_options(jax.default_backend()))
 
 
 def framework_state(params, tx):
@@ -512,6 +515,7 @@ def main(argv=None) -> dict:
            "params": torch_params if name == "pytorch eager" else jax_params}
     if "pytorch eager" in step:
       row["time / pytorch"] = step[name] / step["pytorch eager"]
+      row.update(common.speed_ratios(times["pytorch eager"], times[name], "vs pytorch"))
     if name.startswith("framework"):
       row["time / bare"] = common.median(
           [a / b for a, b in zip(times[name], times["bare jit"])])
@@ -520,8 +524,9 @@ def main(argv=None) -> dict:
   env = common.environment()
   shape = (f"batch {batch} x (src {args.src_len}, tgt {args.tgt_len}), {args.dtype}, "
            f"preset {args.preset}, vocab {cfg.vocab_size}, {args.repeats} rounds")
-  columns = ["implementation", "median ms", "min ms", "tokens/s", "time / pytorch", "time / bare",
-             "MFU %", "first call s", "params"]
+  columns = ["implementation", "median ms", "min ms", "tokens/s", "time / pytorch",
+             *common.SPEED_RATIO_COLUMNS("vs pytorch"), "time / bare", "MFU %", "first call s",
+             "params"]
   common.print_table(f"Transformer train step: {shape}", rows, columns)
   print(f"\nFLOPs/step {flops:.4g} (3 x forward, analytic); measured {args.dtype} matmul "
         f"peak {peak:.4g} FLOP/s (JAX; the MFU column)" + (

@@ -180,7 +180,8 @@ def _schema() -> dict[str, dict[str, Key]]:
                                "CPU, where elsewhere)"),
           "cpu_workarounds": K(True, NEUTRAL, None,
                                "XLA:CPU workarounds (resnorm_jax/cpu_workarounds.py): the "
-                               "same math, faster on CPU; no effect on GPU/TPU"),
+                               "same math, faster on CPU (incl. XLA's own convolution kernels "
+                               "instead of YNNPACK's); no effect on GPU/TPU"),
           "log_every_steps": K(50, NEUTRAL, _POSITIVE),
           "layer_stats_every_steps": K(0, NEUTRAL, _int_at_least(
               0, ": 0 (off) or the number of steps between per-layer statistics"),

@@ -5,9 +5,12 @@
    instead of being re-fused into every consumer; lowered to a conditional on CPU only.
 2. :func:`canonicalize_convs` (applied by the step builder, :func:`apply`): canonical
    convolution layouts inside loop bodies.
+3. :func:`compiler_options` (passed to every ``jax.jit`` of the engine, the analysis
+   commands and the benchmarks; :data:`XLA_FLAG` is the same setting for the environment,
+   which tests/conftest.py uses): XLA's own convolution kernels instead of YNNPACK's.
 
-``--config.train.cpu_workarounds=False`` switches both off (e.g. to measure them, or when a
-newer XLA no longer needs them); GPUs and TPUs never see either.
+``--config.train.cpu_workarounds=False`` switches them off (e.g. to measure them, or when a
+newer XLA no longer needs them); GPUs and TPUs never see any of them.
 
 Fast convolution gradients inside loops on CPU: canonical dimension numbers everywhere.
 
@@ -31,9 +34,11 @@ convolution layouts in every computation themselves.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable
 
 import jax
+import jaxlib
 import jax.numpy as jnp
 from jax import lax
 import jax.extend.core as jcore
@@ -154,8 +159,90 @@ def for_platform(fn: Callable, platform: str) -> Callable:
 
 
 def enabled(config) -> bool:
-  """``train.cpu_workarounds`` (default on)."""
-  return bool(config.train.get("cpu_workarounds", True))
+  """``train.cpu_workarounds`` (default on); a config without a ``train`` section (the
+  analysis commands') has them on."""
+  train = config.get("train") if hasattr(config, "get") else None
+  return bool(train.get("cpu_workarounds", True)) if train is not None else True
+
+
+# ----------------------------------------------------------------------------------------
+# Which library runs XLA:CPU's convolutions, dots and reductions.
+# ----------------------------------------------------------------------------------------
+# jaxlib 0.10.x hands XLA:CPU's dots, convolutions and reductions to YNNPACK by default
+# (``__ynn_fusion`` in the compiled HLO; the flag's own help says "the default list is
+# currently empty", which is not what the compiler does).  Measured on this machine's two
+# cores (benchmarks/RESULTS.md, "Which library runs each op"): YNNPACK's convolutions are
+# 1.5-3x slower than XLA's own (Eigen) kernels, its weight gradients worst (3.3 s vs 0.55 s
+# for one 3x3 64->64 weight gradient on 128x32x32x64); its dots are as fast or faster
+# (a Transformer FFN's forward + backward 157 vs 185 ms), and its reductions 5x faster
+# (BatchNorm's per-channel sums of a 128x32x32x16 activation 0.4 vs 2.6 ms).  So the list
+# keeps dots and reductions and drops convolutions: the XLA_FLAGS form
+# ``-individual_convolution``.  As a per-program compiler option XLA takes only the
+# overwrite form, with the enum's full names, comma separated.
+YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_YNN_KEEP = ("individual_dot", "reduce")
+_YNN_JAXLIB_DEFAULT = ("individual_dot", "individual_convolution", "reduce")
+# jaxlib versions [low, high) whose XLA knows the option and those enum names (verified on
+# 0.10.2).  XLA refuses an unknown option, so any other version (the GPU machine's 0.11.x
+# included, until measured there) gets nothing: its own default.
+_VERIFIED_JAXLIB = ((0, 10, 2), (0, 11, 0))
+
+
+def _version(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def library_fusions_known(version: str | None = None) -> bool:
+  """Whether this jaxlib (or ``version``) is one whose YNNPACK option is verified."""
+  low, high = _VERIFIED_JAXLIB
+  return low <= _version(version or jaxlib.__version__) < high
+
+
+def compiler_options(platform: str, config=None, *, version: str | None = None) -> dict:
+  """XLA debug options for a ``jax.jit`` on ``platform`` (``compiler_options=``): on CPU,
+  with the workarounds on (``config``'s ``train.cpu_workarounds``; on when ``config`` is
+  None) and a verified jaxlib, convolutions on XLA's own kernels; ``{}`` otherwise."""
+  if (platform != "cpu" or (config is not None and not enabled(config))
+      or not library_fusions_known(version)):
+    return {}
+  return {YNN_FUSION_OPTION: _option_value(_YNN_KEEP)}
+
+
+def _option_value(types) -> str:
+  return ",".join("LIBRARY_FUSION_TYPE_" + t.upper() for t in types)
+
+
+# jaxlib 0.10.x's own default, written out as a compiler option: to compare against it in a
+# process whose XLA_FLAGS already hold :func:`xla_flag` (tests, benchmarks).
+JAXLIB_DEFAULT_OPTIONS = {YNN_FUSION_OPTION: _option_value(_YNN_JAXLIB_DEFAULT)}
+
+
+def with_options(options: dict | None, platform: str, config=None) -> dict:
+  """``options`` (a jit's own compiler options, may be None) plus :func:`compiler_options`."""
+  return {**compiler_options(platform, config), **(options or {})}
+
+
+def hlo_computations(hlo: str) -> dict[str, str]:
+  """``name -> text`` of each non-entry computation of a compiled program's text."""
+  return {m.group(1): m.group(0) for m in re.finditer(r"^%(\S+) \(.*?^}", hlo, re.M | re.S)}
+
+
+def library_convolutions(hlo: str) -> int:
+  """How many convolutions of a compiled program's text (``.compile().as_text()``) run
+  inside a YNNPACK fusion: the count of ``__ynn_fusion`` instructions whose fused
+  computation holds a ``convolution``."""
+  bodies = hlo_computations(hlo)
+  calls = re.findall(r"kind=kCustom, calls=%([^,\s]+).*__ynn_fusion", hlo)
+  return sum("convolution(" in bodies.get(name, "") for name in calls)
+
+
+def xla_flag(*, version: str | None = None) -> str:
+  """The same setting as an ``XLA_FLAGS`` entry, for a process whose every program should
+  have it (read once, when jax starts its backends; it touches only the CPU backend);
+  ``""`` on an unverified jaxlib."""
+  if not library_fusions_known(version):
+    return ""
+  return f"--{YNN_FUSION_OPTION}={','.join(_YNN_KEEP)}"
 
 
 def apply(train_step: Callable, config, platform: str, model) -> Callable:

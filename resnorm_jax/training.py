@@ -69,7 +69,8 @@ _RUN_ONCE_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
 
 def make_init(task: Task) -> tuple[Callable, jax.Array]:
   """``(init, key)``: the jitted initializer of :func:`init_state` and its key."""
-  options = _RUN_ONCE_OPTIONS.get(task.mesh.devices.flat[0].platform)
+  platform = task.mesh.devices.flat[0].platform
+  options = cpu_workarounds.with_options(_RUN_ONCE_OPTIONS.get(platform), platform, task.config)
   return jax.jit(_init_fn(task), out_shardings=parallelism.replicated(task.mesh),
                  compiler_options=options), jax.random.key(task.config.train.seed)
 
@@ -156,7 +157,7 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
   ``learning_rate`` and the task's (:meth:`Task.step_metrics`).  With ``layer_stats`` the
   same update also returns ``metrics["layer_stats"]``
   (:func:`resnorm_jax.layer_stats.step_stats`).  On CPU the compiler workarounds of
-  :mod:`resnorm_jax.cpu_workarounds` apply (``parallel.cpu_workarounds``).
+  :mod:`resnorm_jax.cpu_workarounds` apply (``train.cpu_workarounds``).
   """
   config = task.config
   seed_key = jax.random.key(config.train.seed)
@@ -204,14 +205,15 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
   def prepare(step, inputs):
     return task.prepare(jax.random.fold_in(seed_key, step), inputs)
 
+  options = cpu_workarounds.compiler_options(platform, config)
   if config.parallel.mode == "pmap":  # pmap cannot live inside jit: prepare first
-    prepare_jit = jax.jit(prepare)
+    prepare_jit = jax.jit(prepare, compiler_options=options)
     return lambda state, inputs: parallel_step(state, *prepare_jit(state.step, inputs))
 
   def train_step(state, inputs):
     return parallel_step(state, *prepare(state.step, inputs))
   train_step = cpu_workarounds.apply(train_step, config, platform, task.model)
-  return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, donate_argnums=0, compiler_options=options)
 
 
 # ----------------------------------------------------------------------------------------

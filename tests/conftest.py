@@ -1,12 +1,21 @@
-"""Test configuration: the whole suite sees 8 host (CPU) devices.
+"""Test configuration: the whole suite sees 8 host (CPU) devices, and XLA:CPU's fast path.
 
-XLA reads XLA_FLAGS once, when jax initialises its backends, so the flag is set here, before
-any test module imports jax.  Existing flags are kept; a different device count is replaced.
+XLA reads XLA_FLAGS once, when jax initialises its backends, so the flags are set here, before
+any test module imports jax (importing it does not start the backends).  Existing flags are
+kept; a different device count is replaced.  The library-fusion setting is
+``resnorm_jax.cpu_workarounds.xla_flag()`` (the engine passes the same setting per program;
+on an unverified jaxlib it is empty and nothing is added), so the tests' own in-process jits
+get the convolution kernels the training commands use; an explicit setting in XLA_FLAGS wins.
 """
 
 import os
 
+from resnorm_jax import cpu_workarounds
+
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 _kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
          if not f.startswith("--xla_force_host_platform_device_count")]
-os.environ["XLA_FLAGS"] = " ".join(_kept + [_DEVICE_FLAG])
+_fusion_flag = cpu_workarounds.xla_flag()
+if _fusion_flag and any(f.startswith(f"--{cpu_workarounds.YNN_FUSION_OPTION}=") for f in _kept):
+  _fusion_flag = ""
+os.environ["XLA_FLAGS"] = " ".join(_kept + [_DEVICE_FLAG] + ([_fusion_flag] if _fusion_flag else []))

@@ -26,6 +26,16 @@ def test_resnet_step_benchmark_without_torch():
   assert set(result["medians_s"]) == {"framework", "bare jit"}
 
 
+def test_op_breakdown_classifies_both_sides(capsys):
+  pytest.importorskip("torch", reason="PyTorch (the optional reference) is not installed")
+  result = load("op_breakdown").main(["resnet", "--depth", "8", "--batch", "8", "--steps", "1"])
+  classes = {row["op class"]: row for row in result["rows"]}
+  for name in ("conv forward", "conv input grad", "conv weight grad", "step (wall)"):
+    assert classes[name]["ours ms"] > 0, (name, classes)
+  assert classes["conv input + weight grad"]["pytorch ms"] > 0
+  assert "| conv weight grad" in capsys.readouterr().out
+
+
 def test_conv_floor_benchmark_runs(capsys):
   result = load("conv_floor").main(["--batch", "2", "--repeats", "1"])
   assert len(result["rows"]) == 9 and result["totals_s"]["xla"] > 0

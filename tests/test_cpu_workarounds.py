@@ -5,7 +5,9 @@ import re
 import jax
 import jax.extend.core
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
+import pytest
 from jax import lax
 
 from resnorm_jax import cpu_workarounds
@@ -103,3 +105,92 @@ def test_scanned_resnet_train_step_same_with_and_without_the_workarounds():
   plain = run_steps(off, steps=2)
   assert_states_close(fixed, plain)
   assert_states_close(sharded, plain)
+
+
+# ----------------------------------------------------------------------------------------
+# Convolutions on XLA's own kernels instead of YNNPACK's (compiler_options).
+# ----------------------------------------------------------------------------------------
+_needs_verified_jaxlib = pytest.mark.skipif(
+    not cpu_workarounds.library_fusions_known(),
+    reason=f"jaxlib {jaxlib.__version__}: the compiler option is verified on 0.10.x only")
+
+
+def test_compiler_options_are_gated_on_platform_version_and_config():
+  from test_training import tiny_config
+  assert cpu_workarounds.compiler_options("gpu") == {}
+  assert cpu_workarounds.compiler_options("tpu") == {}
+  assert cpu_workarounds.compiler_options("cpu", version="0.11.1") == {}
+  assert cpu_workarounds.compiler_options("cpu", version="0.10.1") == {}
+  assert cpu_workarounds.xla_flag(version="0.11.0") == ""
+  assert cpu_workarounds.compiler_options(
+      "cpu", tiny_config(**{"train.cpu_workarounds": False}), version="0.10.2") == {}
+  on = cpu_workarounds.compiler_options("cpu", tiny_config(), version="0.10.2")
+  assert on == {cpu_workarounds.YNN_FUSION_OPTION:
+                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+  assert cpu_workarounds.xla_flag(version="0.10.2") == (
+      f"--{cpu_workarounds.YNN_FUSION_OPTION}=individual_dot,reduce")
+
+
+@_needs_verified_jaxlib
+def test_resnet_gradients_on_xla_convolutions_equal_the_library_path():
+  """The same ResNet gradient compiled both ways: YNNPACK convolutions (jaxlib's default)
+  and XLA's own (``compiler_options``), equal within float32 rounding.
+
+  Tolerance, per parameter leaf, norm-wise (``|g_a - g_b| / |g_b|``): the two kernels sum
+  the same products in another order.  A float32 sum of n terms in a different order
+  differs by about sqrt(n) * 2^-24 = sqrt(n) * 6e-8 relative; the largest sums here are the
+  weight gradients, n = N*H*W = 8*16*16 = 2048 (sqrt: 45), so 2.7e-6 per convolution.  The
+  error of each of the L = 8 layers on the backward path adds to what flows into it (8 *
+  2.7e-6 = 2.2e-5), and BatchNorm's backward subtracts per-channel means of the gradient
+  (x̂·mean(x̂·g) and mean(g)), which can cancel up to an order of magnitude of the leading
+  digits: 2.2e-4.  A real difference (a wrong padding, stride or layout) is O(1).
+  """
+  from resnorm_jax import models
+  from test_training import tiny_config
+  config = tiny_config(**{"model.width": 16})
+  model = models.build_model(config, models.norm_context(config),
+                             models.DataInfo(10, (16, 16, 3)))
+  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+  y = jnp.arange(8) % 10
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def loss(params):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), y])
+
+  grad = jax.grad(loss)
+  # The in-process default is the suite's XLA_FLAGS setting (tests/conftest.py): jaxlib's
+  # own default is asked for explicitly.
+  library = jax.jit(grad, compiler_options=cpu_workarounds.JAXLIB_DEFAULT_OPTIONS)
+  ours = jax.jit(grad, compiler_options=cpu_workarounds.compiler_options("cpu", config))
+  hlo = {name: f.lower(variables["params"]).compile().as_text()
+         for name, f in (("library", library), ("ours", ours))}
+  assert cpu_workarounds.library_convolutions(hlo["library"]) > 0    # the paths differ
+  assert cpu_workarounds.library_convolutions(hlo["ours"]) == 0
+  g_lib, g_ours = library(variables["params"]), ours(variables["params"])
+  errors = jax.tree_util.tree_map(
+      lambda a, b: float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30)),
+      g_ours, g_lib)
+  worst = max(jax.tree_util.tree_leaves(errors))
+  assert worst < 2.2e-4, errors
+
+
+@_needs_verified_jaxlib
+def test_train_and_eval_steps_run_no_convolution_through_the_library():
+  """The engine's compiled train and eval steps on CPU carry the option.  (With
+  ``train.cpu_workarounds=False`` they carry none and follow the process's XLA_FLAGS, which
+  in this suite hold the same setting: that case is the gating test above.)"""
+  from resnorm_jax import parallelism, training
+  from test_training import tiny_config
+  config = tiny_config(**{"parallel.num_devices": 1})
+  task = training.build_task(config, parallelism.make_mesh(1))
+  task.setup(workdir="")
+  state = training.init_state(task)
+  step = training.make_train_step(task)
+  assert cpu_workarounds.library_convolutions(
+      step.lower(state, task.inputs(0)).compile().as_text()) == 0
+  images, labels = task.arrays[2:]
+  idx, weights = jnp.arange(16, dtype=jnp.int32), jnp.ones(16, jnp.float32)
+  eval_hlo = task.eval_step.lower(state, images, labels, idx, weights).compile().as_text()
+  assert cpu_workarounds.library_convolutions(eval_hlo) == 0

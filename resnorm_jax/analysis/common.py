@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnorm_jax import cpu_workarounds
 from resnorm_jax.errors import ConfigError
 
 
@@ -125,7 +126,8 @@ def run_draws(draw_fn: Callable, keys: jax.Array, draw_batch: int, *, data: tupl
   batch = min(resolve_draw_batch(draw_batch), n)
   data = tuple(data)
   fn = jax.jit(draw_fn if batch == 1 else
-               jax.vmap(draw_fn, in_axes=(0,) + (None,) * len(data)))
+               jax.vmap(draw_fn, in_axes=(0,) + (None,) * len(data)),
+               compiler_options=cpu_workarounds.compiler_options(jax.default_backend()))
   chunks, done, start, last = [], 0, time.time(), time.time()
   while done < n:
     if batch == 1:

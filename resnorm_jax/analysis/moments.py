@@ -72,7 +72,7 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from resnorm_jax import data as data_lib
+from resnorm_jax import cpu_workarounds, data as data_lib
 from resnorm_jax.analysis import common, stats
 from resnorm_jax.layers import (COMBINATORS, NORMS, SHORTCUTS, UNIT_ORDERINGS, Conv,
                                 ConvUnit, DepthInfo, NormContext)
@@ -383,7 +383,8 @@ def is_homogeneous(variant: StackVariant, width: int) -> bool:
   random 2x4x4 input with random parameters, train mode)."""
   unit = build_unit(variant, width, 1)
 
-  @jax.jit
+  @functools.partial(jax.jit,
+                     compiler_options=cpu_workarounds.compiler_options(jax.default_backend()))
   def defect():
     key = jax.random.key(7, impl=common.PRNG_IMPL)
     x = jax.random.normal(key, (2, 4, 4, width), jnp.float32)

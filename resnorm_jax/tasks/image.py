@@ -10,12 +10,14 @@ inputs.  Loss: Σ_i ℓ_ε(logits_i, y_i) / B over the global batch (label smoot
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnorm_jax import data as data_lib, models, optim, parallelism
+from resnorm_jax import cpu_workarounds, data as data_lib, models, optim, parallelism
 from resnorm_jax.tasks import TASKS
 from resnorm_jax.tasks.base import LossOutput, Task
 
@@ -107,8 +109,9 @@ class ImageClassification(Task):
 def make_eval_step(task: ImageClassification):
   """``eval_step(state, images, labels, indices, weights) -> (loss_sum, correct, count)``."""
   model, dataset = task.model, task.dataset
+  options = cpu_workarounds.compiler_options(task.mesh.devices.flat[0].platform, task.config)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=options)
   def eval_step(state, images, labels, indices, weights):
     x = data_lib.normalize(images[indices], dataset.mean, dataset.std)
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
