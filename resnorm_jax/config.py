@@ -172,6 +172,11 @@ def _schema() -> dict[str, dict[str, Key]]:
                                     "> 0: constant warm-up at this lr (He 2016: 0.01)"),
           "grad_clip_norm": K(0.0, TRAJECTORY, _number(allow_zero=True), "0 = no clipping"),
           "label_smoothing": K(0.0, TRAJECTORY, _interval(0, 1, closed_high=False)),
+          "accumulate_steps": K(1, TRAJECTORY, _POSITIVE,
+                                "gradient accumulation: each device's share of the global "
+                                "batch in k microbatches, gradients summed, one update "
+                                "(training.make_train_step; BatchNorm: a ghost batch per "
+                                "microbatch)"),
           "on_nonfinite": K("stop", NEUTRAL, _one_of(*ON_NONFINITE), "stop | skip"),
           # How a non-finite step's update is dropped: the same state either way, chosen by
           # measurement (training.resolve_guard, benchmarks/RESULTS.md).
@@ -402,6 +407,15 @@ def _in_range(value, key: str, low: float, high: float, *, closed_high: bool = T
     raise ConfigError(f"{key}={value!r} must be in {interval}")
 
 
+def validate_accumulation(config: ml_collections.ConfigDict, share: int, what: str) -> None:
+  """``train.accumulate_steps`` must divide ``share``, each device's rows of a batch."""
+  k = config.train.accumulate_steps
+  if share % k:
+    fits = max(d for d in range(1, k + 1) if share % d == 0)
+    raise ConfigError(f"train.accumulate_steps={k} must divide each device's share of the "
+                      f"batch, {what} = {share}; e.g. use {fits}")
+
+
 def validate_translation(config: ml_collections.ConfigDict, replicas: int) -> None:
   """Checks across keys of the translation task (each key's own check is in SCHEMA)."""
   tr, m = config.translation, config.model
@@ -412,4 +426,14 @@ def validate_translation(config: ml_collections.ConfigDict, replicas: int) -> No
     raise ConfigError(f"translation.max_tokens={tr.max_tokens} must be >= {replicas} "
                       f"replicas x translation.max_length={tr.max_length} = "
                       f"{replicas * tr.max_length}")
+  # A global batch's rows are rounded down to a multiple of replicas x k
+  # (corpora.rows_for), so every bucket splits into k microbatches per device as long as the
+  # longest bucket has replicas x k rows.
+  k = config.train.accumulate_steps
+  if tr.max_tokens < replicas * k * tr.max_length:
+    raise ConfigError(
+        f"train.accumulate_steps={k} must divide each device's share of the batch, but "
+        f"translation.max_tokens={tr.max_tokens} gives rows of translation.max_length="
+        f"{tr.max_length} tokens fewer than {replicas} replicas x {k} rows; use max_tokens >= "
+        f"{replicas * k * tr.max_length} or a smaller k")
 

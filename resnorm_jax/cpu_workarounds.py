@@ -247,9 +247,11 @@ def xla_flag(*, version: str | None = None) -> str:
 
 def apply(train_step: Callable, config, platform: str, model) -> Callable:
   """The step builder's hook: :func:`canonicalize_convs` around ``train_step`` on CPU when
-  the workarounds are on and the model runs convolutions inside loops (a model with a true
-  ``scan_stages`` field); ``train_step`` itself otherwise."""
-  if not enabled(config) or not getattr(model, "scan_stages", False):
+  the workarounds are on and the step runs convolutions inside loops (a model with a true
+  ``scan_stages`` field, or the microbatch loop of ``train.accumulate_steps`` > 1);
+  ``train_step`` itself otherwise."""
+  loops = getattr(model, "scan_stages", False) or config.train.accumulate_steps > 1
+  if not enabled(config) or not loops:
     return train_step
   return for_platform(train_step, platform)
 

@@ -145,6 +145,67 @@ def apply_gradients(tx, state: TrainState, grads, loss, batch_stats,
   return new_state, grad_norm
 
 
+def microbatches(batch, k: int, groups: int, mesh=None):
+  """``batch`` (leading axis B) as k microbatches stacked on a new leading axis.
+
+  The batch is ``groups`` contiguous device shares (one under ``shard_map``/``pmap``, the
+  mesh's devices under ``jit``); microbatch j holds rows j·b .. (j+1)·b − 1 of every share
+  (b = B / (groups·k)), so under ``jit`` each device's rows stay on it and microbatch j is
+  the per-device program's microbatch j on every device.  ``mesh`` (under jit): the
+  microbatches keep the batch sharding on their second axis.
+  """
+  def split(a):
+    b = a.shape[0] // (groups * k)
+    a = jnp.swapaxes(a.reshape((groups, k, b) + a.shape[1:]), 0, 1)
+    a = a.reshape((k, groups * b) + a.shape[3:])
+    if mesh is not None:
+      a = lax.with_sharding_constraint(a, jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(None, parallelism.DATA_AXIS)))
+    return a
+  return jax.tree_util.tree_map(split, batch)
+
+
+def accumulate_gradients(grad_fn, params, key, batch, k: int, groups: int, mesh=None):
+  """``train.accumulate_steps = k``: :func:`microbatches` of ``batch`` through ``grad_fn``
+  (``(params, key, batch) -> ((loss, LossOutput), grads)``, the loss already divided by the
+  global batch's N) in a ``lax.scan``, so one microbatch's activations are live at a time.
+
+  Returns (loss, grads, sums, new variables, the last microbatch): the loss, gradients and
+  sums are the sums over the microbatches (= the global batch's, up to float32 summation
+  order); dropout key of microbatch j: ``fold_in(key, j)``.  BatchNorm: each microbatch is
+  a ghost batch (its statistics normalize it, as on k times the devices with
+  ``bn_sync=local``), and the running statistics are updated once per step with the mean
+  of the microbatches' statistics: every microbatch updates from the step's running
+  statistics r, and the update r' = m·r + (1 − m)·s is linear in s, so the mean of the k
+  updated values is m·r + (1 − m)·mean_j s_j.  Other collections (layer-statistics taps)
+  are those of the last microbatch.
+  """
+  xs = microbatches(batch, k, groups, mesh)
+  first = jax.tree_util.tree_map(lambda a: a[0], xs)
+  (_, out0), grads0 = jax.eval_shape(grad_fn, params, key, first)
+  zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  taps_key = layer_stats_lib.TAPS
+
+  def body(carry, x):
+    (loss_acc, grads_acc, sums_acc, stats_acc), _ = carry
+    j, mb = x
+    (loss, out), grads = grad_fn(params, jax.random.fold_in(key, j), mb)
+    new_vars = out.new_variables
+    acc = jax.tree_util.tree_map(jnp.add, (loss_acc, grads_acc, sums_acc, stats_acc),
+                                 (loss, grads, out.sums, new_vars.get("batch_stats", {})))
+    return (acc, new_vars.get(taps_key, {})), None
+
+  init = ((jnp.zeros((), jnp.float32), zeros(grads0), zeros(out0.sums),
+           zeros(out0.new_variables.get("batch_stats", {}))),
+          zeros(out0.new_variables.get(taps_key, {})))
+  ((loss, grads, sums, stats), taps), _ = lax.scan(body, init, (jnp.arange(k), xs))
+  new_vars = {"batch_stats": jax.tree_util.tree_map(lambda a: a / k, stats)}
+  if taps_key in out0.new_variables:
+    new_vars[taps_key] = taps
+  last = jax.tree_util.tree_map(lambda a: a[-1], xs)
+  return loss, grads, sums, new_vars, last
+
+
 def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
   """``train_step(state, inputs) -> (state, metrics)`` for ``inputs = task.inputs(step)``.
 
@@ -156,8 +217,11 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
   :func:`resnorm_jax.parallelism.data_parallel`).  Metrics: ``loss``, ``grad_norm``,
   ``learning_rate`` and the task's (:meth:`Task.step_metrics`).  With ``layer_stats`` the
   same update also returns ``metrics["layer_stats"]``
-  (:func:`resnorm_jax.layer_stats.step_stats`).  On CPU the compiler workarounds of
-  :mod:`resnorm_jax.cpu_workarounds` apply (``train.cpu_workarounds``).
+  (:func:`resnorm_jax.layer_stats.step_stats`).  With ``train.accumulate_steps = k > 1`` the
+  per-replica loss and gradients are summed over k microbatches in a ``lax.scan``
+  (:func:`accumulate_gradients`), divided by the same global N, before the one update.
+  On CPU the compiler workarounds of :mod:`resnorm_jax.cpu_workarounds` apply
+  (``train.cpu_workarounds``).
   """
   config = task.config
   seed_key = jax.random.key(config.train.seed)
@@ -165,6 +229,7 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
   platform = task.mesh.devices.flat[0].platform
   guard = resolve_guard(config.train.nonfinite_guard, platform)
   apply_kwargs = layer_stats_lib.apply_kwargs(layer_stats)
+  accumulate = config.train.accumulate_steps
 
   def make_fn(axis_name):
     model = task.model_for(axis_name)
@@ -177,16 +242,22 @@ def make_train_step(task: Task, layer_stats: bool = False) -> Callable:
         weight = lax.psum(weight, axis_name)
       denominator = jnp.maximum(weight, 1.0)
 
-      def loss_fn(params):
+      def loss_fn(params, key, batch):
         out = task.loss(model, {"params": params, "batch_stats": state.batch_stats}, batch,
                         key, apply_kwargs)
         return out.loss_sum / denominator, out
 
-      (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      sums = out.sums
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      if accumulate == 1:
+        (loss, out), grads = grad_fn(state.params, key, batch)
+        sums, new_vars = out.sums, out.new_variables
+      else:
+        groups = task.mesh.devices.size if axis_name is None else 1
+        loss, grads, sums, new_vars, batch = accumulate_gradients(
+            grad_fn, state.params, key, batch, accumulate, groups,
+            task.mesh if axis_name is None else None)
       if axis_name is not None:
         grads, loss, sums = lax.psum((grads, loss, sums), axis_name)
-      new_vars = out.new_variables
       new_state, grad_norm = apply_gradients(task.tx, state, grads, loss,
                                              new_vars.get("batch_stats", {}),
                                              stop_on_nonfinite, guard)

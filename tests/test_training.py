@@ -219,6 +219,8 @@ def test_unsupported_url_workdir_is_refused_before_anything_is_written(tmp_path)
     ("--config.model.norm=grop:32", "unknown norm 'grop:32'; valid choices: batch"),
     ("--config.parallel.mode=pjit", "parallel.mode='pjit' is not valid"),
     ("--config.train.batch_size=12", "divisible by the 8 data-parallel devices"),
+    ("--config.train.accumulate_steps=3", "train.accumulate_steps=3 must divide each "
+     "device's share of the batch, train.batch_size=16 / 8 devices = 2; e.g. use 2"),
     ("--config=configs/cifar_resnet.py:resnet111", "unknown variant 'resnet111'"),
     ("--config.train.layer_stats_every_steps=-1",
      "train.layer_stats_every_steps=-1 must be a non-negative integer"),

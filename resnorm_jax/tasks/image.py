@@ -35,7 +35,11 @@ class ImageClassification(Task):
 
   @classmethod
   def validate(cls, config, replicas: int) -> None:
+    from resnorm_jax import config as config_lib
     data_lib.validate_data_config(config)
+    config_lib.validate_accumulation(
+        config, config.train.batch_size // replicas,
+        f"train.batch_size={config.train.batch_size} / {replicas} devices")
 
   @classmethod
   def static_data(cls, config) -> models.DataInfo:

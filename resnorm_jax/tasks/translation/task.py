@@ -98,9 +98,12 @@ class Translation(Task):
     self.sp = cache.load_sentencepiece(directory, config.model.vocab_size)
     replicas = self.mesh.devices.size
     make = packing.make_packed_batches if tr.packing else packing.make_cached_batches
+    # Rows per batch: a multiple of replicas x train.accumulate_steps, so each device's share
+    # splits into the step's microbatches (k = 1: the batches of a run without accumulation).
     self.batches = make(cache.open_split(directory, "train", manifest),
                         max_length=tr.max_length, max_tokens=tr.max_tokens,
-                        replicas=replicas, seed=config.train.seed)
+                        replicas=replicas * config.train.accumulate_steps,
+                        seed=config.train.seed)
     test = cache.open_split(directory, "test", manifest)
     count = min(len(test), tr.eval_max_sentences or len(test))
     self.references = cache.references(config, manifest, count)

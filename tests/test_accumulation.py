@@ -1,0 +1,150 @@
+"""Gradient accumulation (``train.accumulate_steps``): k microbatches, one update.
+
+Compared quantity: the optimizer state after one step.  With SGD, momentum 0.9 and no weight
+decay the momentum trace after the first step *is* the global-batch gradient, so the test
+compares gradients directly (parameters would hide a gap by the learning rate's factor).
+
+Tolerance, from float32 rounding.  Without BatchNorm every example's forward and backward
+pass is the same arithmetic whatever microbatch it is in; what changes is how a parameter's
+gradient sums its per-example, per-position terms: one reduction over n terms (k = 1) or k
+reductions over n/k terms and a sum of k partial sums (k = 4).  Summing n float32 terms
+carries a rounding error of about sqrt(n)·ε·S relative to the sum of their magnitudes S
+(random-walk bound, ε = 2^-24 ≈ 6e-8 per addition), and each of the two summation orders
+has its own, so the gap is at most about 2·sqrt(n)·ε·S.  The largest reduction of the tiny
+ResNet is its first convolution's kernel gradient: n = B·H·W = 64·32·32 = 65,536 terms, so
+2·sqrt(n)·ε = 3.1e-5.  The backward pass is a chain of such sums (one per layer the
+gradient flows back through, ~depth = 8 of them), each contributing that relative error of
+its own output, so the bound is 8 · 3.1e-5 ≈ 2.5e-4 relative to S.  S >= |g| (cancelling
+terms), and we take S ≈ the leaf's largest |g| as the scale: atol = 2.5e-4 · max|leaf|.
+The translation step sums over B·T target tokens of a packed batch (n = 32·24 = 768, 2·sqrt
+(n)·ε = 3.3e-6) through ~2·2 layers plus attention and the loss: the same 2.5e-4 covers it.
+"""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from resnorm_jax import config as config_lib, parallelism, training
+from resnorm_jax.errors import ConfigError
+
+from helpers import tiny_config
+
+EPS32 = 2.0 ** -24
+# See the module docstring: depth (8) x 2 summation orders x sqrt(B·H·W) x eps.
+RELATIVE = 8 * 2 * np.sqrt(64 * 32 * 32) * EPS32
+
+
+def assert_gradients_close(a, b, relative=RELATIVE):
+  """Leaf by leaf: |a - b| <= relative · max|b| (module docstring).  Attention key biases
+  are exactly zero-gradient in exact arithmetic (softmax ignores a constant added to a
+  row's logits), so theirs is pure rounding noise: both must only be tiny."""
+  largest = max(float(np.abs(y).max()) for y in jax.tree_util.tree_leaves(b)
+                if np.issubdtype(np.asarray(y).dtype, np.floating))
+
+  def check(path, x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    if not np.issubdtype(y.dtype, np.floating):
+      np.testing.assert_array_equal(x, y)
+      return
+    if "['key']['bias']" in jax.tree_util.keystr(path):
+      assert max(np.abs(x).max(), np.abs(y).max()) <= RELATIVE * largest
+      return
+    scale = float(np.abs(y).max())
+    gap = float(np.abs(x - y).max())
+    assert gap <= relative * scale + 1e-30, (jax.tree_util.keystr(path), gap, scale)
+  jax.tree_util.tree_map_with_path(check, a, b)
+
+
+def one_step(config, inputs_from=None, workdir=""):
+  """(host state after one step, host metrics) of ``config`` on 8 CPU devices;
+  ``inputs_from``: another config's task supplies the global batch (translation: rows are
+  a multiple of replicas x k)."""
+  config_lib.validate(config, jax.device_count())
+  mesh = parallelism.make_mesh(config.parallel.num_devices)
+  task = training.build_task(config, mesh)
+  task.setup(workdir=workdir)
+  state = training.init_state(task)
+  source = task if inputs_from is None else inputs_from
+  state, metrics = training.make_train_step(task)(state, source.inputs(0))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def image_config(**overrides):
+  return tiny_config(**{"train.batch_size": 64, "train.weight_decay": 0.0,
+                        "train.momentum": 0.9, "parallel.num_devices": 8, **overrides})
+
+
+@pytest.mark.parametrize("mode", ["jit", pytest.param("shard_map", marks=pytest.mark.slow),
+                                  pytest.param("pmap", marks=pytest.mark.slow)])
+def test_four_microbatches_give_the_one_batch_gradient_without_batchnorm(mode):
+  reference, ref_metrics = one_step(image_config(**{"model.norm": "layer",
+                                                    "parallel.mode": mode}))
+  state, metrics = one_step(image_config(**{"model.norm": "layer", "parallel.mode": mode,
+                                            "train.accumulate_steps": 4}))
+  assert_gradients_close(state.opt_state, reference.opt_state)
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+  np.testing.assert_allclose(metrics["accuracy"], ref_metrics["accuracy"])
+
+
+@pytest.mark.parametrize("devices,k,mode", [
+    (1, 4, "jit"), pytest.param(2, 2, "shard_map", marks=pytest.mark.slow),
+    pytest.param(2, 2, "pmap", marks=pytest.mark.slow)])
+def test_batchnorm_microbatches_are_ghost_batches_with_one_running_update(devices, k, mode):
+  """The definition: k microbatches on n devices = the same step on n·k devices with one
+  BatchNorm statistics group per device (``bn_sync=local``): each microbatch normalizes
+  with its own statistics, and the running statistics move once, by the mean of the
+  microbatches' statistics (as bn_sync=local averages its groups')."""
+  ghost = one_step(image_config(**{"parallel.num_devices": 4, "parallel.bn_sync": "local",
+                                   "train.batch_size": 32}))[0]
+  state = one_step(image_config(**{"parallel.num_devices": devices, "parallel.mode": mode,
+                                   "parallel.bn_sync": "local", "train.batch_size": 32,
+                                   "train.accumulate_steps": k}))[0]
+  assert_gradients_close(state.opt_state, ghost.opt_state)
+  # Running statistics: m·r + (1 − m)·s, s the mean of 4 groups' statistics, each summed
+  # over 8·32·32 values: float32 rounding far below 1e-5 relative.
+  chex.assert_trees_all_close(state.batch_stats, ghost.batch_stats, rtol=1e-5, atol=1e-6)
+  if devices == 1:   # ... and not the statistics of the whole batch
+    whole = one_step(image_config(**{"parallel.num_devices": 1, "train.batch_size": 32}))[0]
+    gaps = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
+                                  whole.batch_stats, ghost.batch_stats)
+    assert max(jax.tree_util.tree_leaves(gaps)) > 1e-3
+
+
+def test_accumulate_steps_must_divide_each_devices_share():
+  with pytest.raises(ConfigError, match=r"train.accumulate_steps=3 must divide each "
+                     r"device's share of the batch, train.batch_size=64 / 8 devices = 8; "
+                     r"e.g. use 2"):
+    config_lib.validate(image_config(**{"train.accumulate_steps": 3}), 8)
+  with pytest.raises(ConfigError, match="must be a positive integer"):
+    config_lib.validate(image_config(**{"train.accumulate_steps": 0}), 8)
+  assert config_lib.resume_class("train.accumulate_steps") == config_lib.TRAJECTORY
+
+
+def _translation_config(tmp_path, mode, k):
+  from test_translation import tiny_config as translation_config
+  c = translation_config(**{"parallel.mode": mode, "parallel.num_devices": 8,
+                            "train.optimizer": "sgd", "train.schedule": "constant",
+                            "train.learning_rate": 0.5, "train.momentum": 0.9,
+                            "translation.packing": True, "translation.max_tokens": 1024,
+                            "train.accumulate_steps": k})
+  return c
+
+
+@pytest.mark.parametrize("mode", ["jit", pytest.param("shard_map", marks=pytest.mark.slow),
+                                  pytest.param("pmap", marks=pytest.mark.slow)])
+def test_packed_translation_microbatches_divide_by_the_global_token_count(tmp_path, mode):
+  """With packing, microbatches hold different numbers of real tokens; the loss of each is
+  divided by the global batch's N, so the sum is the one-batch loss and gradient."""
+  config = _translation_config(tmp_path, mode, 4)
+  config_lib.validate(config, 8)
+  task = training.build_task(config, parallelism.make_mesh(8))
+  task.setup(str(tmp_path))
+  rows = task.inputs(0)["tgt"].shape[0]
+  assert rows % 32 == 0   # a multiple of replicas x k
+  reference, ref_metrics = one_step(_translation_config(tmp_path, mode, 1), task,
+                                     str(tmp_path))
+  state, metrics = one_step(config, task, str(tmp_path))
+  assert_gradients_close(state.opt_state, reference.opt_state)
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+  assert metrics["tokens"] == ref_metrics["tokens"]
