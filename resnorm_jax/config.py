@@ -220,6 +220,10 @@ def _schema() -> dict[str, dict[str, Key]]:
           "spm_sample_seed": K(0, TRAJECTORY, _seed),
           "packing": K(False, TRAJECTORY, _boolean,
                        "several pairs per row (segment ids, per-segment positions)"),
+          "tokenized_bleu": K("none", NEUTRAL, _one_of("none", "tokens", "t2t_compound"),
+                              "bleu_tokenized beside sacreBLEU: none | tokens (multi-bleu "
+                              "on the text as is) | t2t_compound (tensor2tensor's "
+                              "get_ende_bleu.sh); tasks/translation/bleu.py"),
       },
       "checkpoint": {
           "every_steps": K(1000, NEUTRAL),
@@ -235,8 +239,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key of :data:`SCHEMA` with its default (a small CIFAR PreAct-ResNet), and
   ``published``: the result an experiment config reproduces -- test error in % (image
   classification) or test BLEU (translation) where it is published, and a note (e.g.
-  "fail: > 20%"); None = no published number.  Read by resnorm-sweep for its results
-  table, never by training."""
+  "fail: > 20%"); None = no published number; ``measure``: the evaluation key of the
+  measure the number is ('' = the task's headline key; translation: ``bleu`` for
+  sacreBLEU, ``bleu_tokenized`` for the tokenized BLEU of ``translation.tokenized_bleu``).
+  Read by resnorm-sweep for its results table, never by training."""
   c = ml_collections.ConfigDict()
   for section, keys in SCHEMA.items():
     c[section] = ml_collections.ConfigDict()
@@ -244,7 +250,8 @@ def base_config() -> ml_collections.ConfigDict:
       c[section][name] = key.default_value()
   c.published = ml_collections.ConfigDict({
       "error": ml_collections.config_dict.placeholder(float),
-      "bleu": ml_collections.config_dict.placeholder(float), "source": "", "note": ""})
+      "bleu": ml_collections.config_dict.placeholder(float), "source": "", "note": "",
+      "measure": ""})
   return c
 
 
@@ -419,6 +426,13 @@ def validate_accumulation(config: ml_collections.ConfigDict, share: int, what: s
 def validate_translation(config: ml_collections.ConfigDict, replicas: int) -> None:
   """Checks across keys of the translation task (each key's own check is in SCHEMA)."""
   tr, m = config.translation, config.model
+  measure = config.published.get("measure", "")
+  if measure not in ("", "bleu", "bleu_tokenized"):
+    raise ConfigError(f"published.measure={measure!r} is not valid; valid choices: bleu "
+                      "(sacreBLEU), bleu_tokenized")
+  if measure == "bleu_tokenized" and tr.tokenized_bleu == "none":
+    raise ConfigError("published.measure='bleu_tokenized' needs translation.tokenized_bleu "
+                      "(tokens or t2t_compound), or the table has no number to compare")
   if tr.max_length > m.max_len:
     raise ConfigError(f"translation.max_length={tr.max_length} exceeds model.max_len="
                       f"{m.max_len}")

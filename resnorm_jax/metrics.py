@@ -116,10 +116,13 @@ class MetricWriter:
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
+    # Text and lists (a BLEU signature, the steps of an average) go to the JSON lines only.
+    texts = {k: v for k, v in scalars.items() if isinstance(v, (str, list, tuple))}
+    numbers = {k: v for k, v in scalars.items() if k not in texts}
     clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v)))
-             for k, v in scalars.items()}
-    self._append("metrics.jsonl", {"step": int(step), "split": split, **clean})
-    self._scalars(step, split, scalars)
+             for k, v in numbers.items()}
+    self._append("metrics.jsonl", {"step": int(step), "split": split, **clean, **texts})
+    self._scalars(step, split, numbers)
 
   def write_record(self, filename: str, step: int, record: Mapping,
                    tensorboard: Mapping[str, Mapping[str, float]] | None = None) -> None:

@@ -129,7 +129,11 @@ def print_summary(summary: dict) -> None:
   ]
   if ev and "bleu" in ev:
     lines.append(f"  test BLEU      {ev['bleu']:.2f}   ({int(ev['sentences'])} sentences, "
-                 f"sacreBLEU; translations in {storage.join(summary['workdir'], 'translations')})")
+                 f"sacreBLEU {ev.get('bleu_signature', '')}; translations in "
+                 f"{storage.join(summary['workdir'], 'translations')})")
+    if "bleu_tokenized" in ev:
+      lines.append(f"  tokenized BLEU {ev['bleu_tokenized']:.2f}   (multi-bleu.perl, "
+                   f"translation.tokenized_bleu)")
   elif ev:
     lines.append(f"  test accuracy  {ev['accuracy']:.4f}   (error {100 * ev['error']:.2f}%, "
                  f"loss {ev['loss']:.4f})")

@@ -78,7 +78,7 @@ def toy_pair(rng: np.random.Generator, vocab: int, max_words: int) -> tuple[str,
 
 @TRANSLATION_DATASETS.register(
     "toy_translation", "generated toy language: target = reversed source with a fixed word "
-    "mapping (offline; translation.toy_* sizes)")
+    "mapping (offline; translation.toy_* sizes)", target_lang="en")
 def _toy(arg, config) -> TextCorpus:
   t = config.translation
   draw = lambda n, seed: tuple(map(list, zip(*(
@@ -99,7 +99,7 @@ IWSLT_FILES = ("train.en", "train.vi", "tst2013.en", "tst2013.vi")
 
 @TRANSLATION_DATASETS.register(
     "iwslt15_envi", "IWSLT'15 English->Vietnamese from the standard files train.{en,vi}, "
-    "tst2013.{en,vi} in data.data_dir (test: tst2013)")
+    "tst2013.{en,vi} in data.data_dir (test: tst2013)", target_lang="vi")
 def _iwslt15(arg, config) -> TextCorpus:
   root = storage.join(os.path.expanduser(config.data.data_dir or "."), "iwslt15_envi")
   if _latest_version_dir(root) is not None:   # prepared by resnorm_jax/tasks/translation/iwslt15.py's builder
@@ -131,7 +131,7 @@ WMT_NAME = "wmt14_translate/de-en"
 
 @TRANSLATION_DATASETS.register(
     "wmt14_ende", "WMT'14 English->German from TFDS's prepared wmt14_translate/de-en "
-    "(ArrayRecord) in data.data_dir; test: newstest2014")
+    "(ArrayRecord) in data.data_dir; test: newstest2014", target_lang="de")
 def _wmt14(arg, config) -> TextCorpus:
   return read_tfds_translation(config.data.data_dir, WMT_NAME, "en", "de")
 

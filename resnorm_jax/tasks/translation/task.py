@@ -14,7 +14,8 @@ model (statistics over real tokens; an all-padding row still contributes its BOS
 
 Evaluation: batched beam search (``translation.beam_size``, length penalty α =
 ``translation.length_penalty``) over the test sources, detokenized with the SentencePiece
-model, scored with sacreBLEU against the raw references; hypotheses are gathered from every
+model, scored with sacreBLEU (and its signature) against the raw references and, per
+``translation.tokenized_bleu``, with the tokenized BLEU papers report (:mod:`bleu`); hypotheses are gathered from every
 process, and process 0 writes ``<workdir>/translations/step_<n>.txt`` (test-set order).
 """
 
@@ -33,7 +34,7 @@ from resnorm_jax.models.transformer import (padding_mask, shift_right, shift_rig
                                             target_mask)
 from resnorm_jax.tasks import TASKS
 from resnorm_jax.tasks.base import LossOutput, Task
-from resnorm_jax.tasks.translation import cache, corpora, decoding, packing
+from resnorm_jax.tasks.translation import bleu as bleu_lib, cache, corpora, decoding, packing
 
 
 # The arrays of a packed batch besides ``src`` and ``tgt`` (tasks/translation/packing.py),
@@ -47,12 +48,6 @@ def _gather(array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
-def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
-  """sacreBLEU (13a tokenization, exp-smoothing defaults) on detokenized text."""
-  import sacrebleu
-  return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
 
 
 @TASKS.register("translation", "source to target sentences: label-smoothed cross entropy "
@@ -183,14 +178,18 @@ class Translation(Task):
 
   def evaluate(self, state, step: int) -> dict:
     hypotheses = self.translate(state)
-    bleu = corpus_bleu(hypotheses, self.references)
+    tokenized = self.config.translation.tokenized_bleu
+    lang = corpora.TRANSLATION_DATASETS.entry(self.config.data.name)[0].meta["target_lang"]
+    scores = bleu_lib.scores(hypotheses, self.references, tokenized, lang)
     if jax.process_index() == 0:
       directory = storage.join(self.workdir, "translations")
       storage.makedirs(directory)
       storage.write_atomic(storage.join(directory, f"step_{step}.txt"),
                            "".join(h + "\n" for h in hypotheses))
-    return {"bleu": bleu, "sentences": float(len(hypotheses))}
+    return {**scores, "sentences": float(len(hypotheses))}
 
   @staticmethod
   def describe(ev: dict) -> str:
-    return f"test BLEU {ev['bleu']:.2f} ({int(ev['sentences'])} sentences)"
+    tokenized = (f", tokenized BLEU {ev['bleu_tokenized']:.2f}" if "bleu_tokenized" in ev
+                 else "")
+    return f"test BLEU {ev['bleu']:.2f}{tokenized} ({int(ev['sentences'])} sentences)"
