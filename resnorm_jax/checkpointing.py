@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 ITEM = "state"          # the orbax item name the train state is stored under
 CONFIG_FILE = "config.json"
+FINGERPRINT = "config_fingerprint"   # a step's custom metadata: config_fingerprint()
 _MAX_LISTED = 5         # differences listed in a mismatch message, per kind
 
 
@@ -74,17 +75,30 @@ class Checkpointer:
   ``wait``/``close`` in the same order with the same steps (orbax synchronises them).
   """
 
-  def __init__(self, directory: str, *, keep: int, every_steps: int):
+  def __init__(self, directory: str, *, keep: int, every_steps: int, average_keep: int = 0,
+               average_every_steps: int = 0, fingerprint: str = ""):
+    """``average_keep`` > 0 also keeps the newest ``average_keep`` steps that are multiples
+    of ``average_every_steps`` (saved at that cadence too), for checkpoint averaging
+    (:mod:`resnorm_jax.averaging`); ``fingerprint`` is recorded in every step's metadata
+    (:func:`config_fingerprint`)."""
     if not isinstance(keep, int) or keep < 1:
       raise ConfigError(f"checkpoint keep must be an integer >= 1, got {keep!r}; "
                         "set it to the number of recent checkpoints to retain")
     self.directory = storage.abspath(directory)   # a local path or a gs:// URL
     self.keep = keep
     self.every_steps = int(every_steps)
+    self.average_keep = int(average_keep)
+    self.average_every_steps = int(average_every_steps)
+    self.fingerprint = fingerprint
+    policy = ocp.checkpoint_managers.LatestN(n=keep)
+    if self.average_keep > 0 and self.average_every_steps > 0:
+      policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, (
+          ocp.checkpoint_managers.EveryNSteps(interval_steps=self.average_every_steps,
+                                              max_to_keep=self.average_keep))])
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            preservation_policy=policy,
             enable_async_checkpointing=True,
             cleanup_tmp_directories=True,
             create=True,
@@ -105,8 +119,16 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def should_save(self, step: int) -> bool:
-    """Periodic cadence: ``step % every_steps == 0``; never when ``every_steps <= 0``."""
-    return self.every_steps > 0 and step % self.every_steps == 0
+    """Periodic cadence: ``step % every_steps == 0`` (never when ``every_steps <= 0``), and
+    the averaging cadence ``step % average_every_steps == 0`` when averaging is kept."""
+    averaged = (self.average_keep > 0 and self.average_every_steps > 0
+                and step % self.average_every_steps == 0)
+    return averaged or (self.every_steps > 0 and step % self.every_steps == 0)
+
+  def step_fingerprint(self, step: int) -> str:
+    """The config fingerprint saved with ``step`` ('' for steps saved without one)."""
+    metadata = self._manager.metadata(step)
+    return str((getattr(metadata, "custom_metadata", None) or {}).get(FINGERPRINT, ""))
 
   # -- save ------------------------------------------------------------------------------------
 
@@ -127,7 +149,8 @@ class Checkpointer:
     # Cadence is decided above, so orbax is always told to save (force=True); orbax still
     # refuses an existing step, which the check above has ruled out.
     return bool(self._manager.save(
-        step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(tree)}), force=True))
+        step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(tree)}), force=True,
+        custom_metadata={FINGERPRINT: self.fingerprint} if self.fingerprint else None))
 
   def wait(self) -> None:
     """Blocks until every started save is committed to disk (and old steps pruned)."""
@@ -180,6 +203,16 @@ class Checkpointer:
         f"{[s for s, _ in failures]}: "
         + "; ".join(f"step {s}: {_describe(e)}" for s, e in failures)
         + ". Use a fresh --workdir, or remove the broken step directories to start over.")
+
+  def restore_step(self, step: int, abstract_tree: Any) -> Any:
+    """The tree of ``step`` (as :meth:`restore`, without falling back to another step):
+    ConfigError if it is unreadable or of another tree."""
+    tree, error = self._try_restore_step(step, abstract_tree,
+                                         jax.tree.map(_abstract_leaf, abstract_tree))
+    if error is not None:
+      raise ConfigError(f"checkpoint step {step} in {self.directory} is unreadable: "
+                        f"{_describe(error)}")
+    return tree
 
   def _try_restore_step(self, step: int, abstract_tree: Any,
                         target: Any) -> tuple[Any, Exception | None]:
@@ -391,6 +424,23 @@ class PreemptionGuard:
 # --------------------------------------------------------------------------------------------
 # config.json
 # --------------------------------------------------------------------------------------------
+
+
+def config_fingerprint(config_dict: Any) -> str:
+  """A hash of every value that changes the numbers of a run (resume classes ``tree`` and
+  ``trajectory``, :data:`resnorm_jax.config.SCHEMA`): checkpoints with the same fingerprint
+  come from one run of one config.  Neutral keys (evaluation, logging, checkpoint cadence,
+  data location) and ``published`` are left out."""
+  import hashlib
+  plain = json.loads(json.dumps(_plain(config_dict), default=_json_default))
+  kept = {}
+  for section, values in sorted(plain.items()):
+    if not isinstance(values, dict):
+      continue
+    for key, value in sorted(values.items()):
+      if config_lib.resume_class(f"{section}.{key}") != config_lib.NEUTRAL:
+        kept[f"{section}.{key}"] = value
+  return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_config_json(workdir: str, config_dict: Any) -> str:

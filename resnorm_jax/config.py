@@ -228,6 +228,13 @@ def _schema() -> dict[str, dict[str, Key]]:
       "checkpoint": {
           "every_steps": K(1000, NEUTRAL),
           "keep": K(3, NEUTRAL),
+          # Checkpoint averaging (Vaswani et al. 2017: the last 5 / 20, 10 minutes apart):
+          # resnorm_jax/averaging.py.
+          "average_last": K(0, NEUTRAL, _NON_NEGATIVE,
+                            "> 0: also keep the newest N checkpoints at average_every_steps "
+                            "and, when training completes, evaluate their parameter average"),
+          "average_every_steps": K(0, NEUTRAL, _NON_NEGATIVE,
+                                   "steps between averaged checkpoints (0 = every_steps)"),
       },
   }
 
@@ -401,6 +408,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError("eval.every_steps and checkpoint.every_steps must be >= 0")
   if config.checkpoint.keep < 1:
     raise ConfigError(f"checkpoint.keep={config.checkpoint.keep} must be >= 1")
+  ck = config.checkpoint
+  if ck.average_last and not (ck.average_every_steps or ck.every_steps):
+    raise ConfigError(f"checkpoint.average_last={ck.average_last} needs an interval: set "
+                      "checkpoint.average_every_steps or checkpoint.every_steps")
   tasks.task_class(config).validate(config, requested)   # the task's data section
   check_numbers(config)
 

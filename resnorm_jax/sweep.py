@@ -362,13 +362,16 @@ def read_run(path: str, metric_key: str) -> dict[str, Any] | None:
 
 def write_result(path: str, variant: str, seed: int, config, status: str,
                  summary: dict | None) -> dict[str, Any]:
-  """``<path>/result.json`` of a completed or diverged run (what marks it finished)."""
+  """``<path>/result.json`` of a completed or diverged run (what marks it finished).  With
+  ``checkpoint.average_last`` the value is the averaged checkpoints' (as the papers report
+  it), and ``eval`` holds that evaluation with its ``averaged_steps``."""
   metric = metric_of(config)
-  ev = (summary or {}).get("eval") or {}
+  ev = (summary or {}).get("average") or (summary or {}).get("eval") or {}
+  plain = lambda v: v if isinstance(v, (str, list, tuple)) else float(v)
   result = {"variant": variant, "seed": seed, "status": status,
             "step": (summary or {}).get("step"), "steps": config.train.steps,
             "metric": metric["key"], "value": metric_value(ev, metric["key"]),
-            "eval": {k: (v if isinstance(v, str) else float(v)) for k, v in ev.items()}}
+            "eval": {k: plain(v) for k, v in ev.items()}}
   _write_atomic(storage.join(path, RESULT_FILE), json.dumps(result, indent=2) + "\n")
   return result
 

@@ -355,6 +355,22 @@ def _acquire(lock: workdir_lib.WorkdirLock, workdir: str) -> None:
     raise error
 
 
+def _evaluate_average(config, workdir, task, ckpt, writer, progress) -> dict | None:
+  """``checkpoint.average_last``: the average of the newest checkpoints at the averaging
+  cadence, evaluated and written (:mod:`resnorm_jax.averaging`); None, with a note, when
+  the run kept fewer (a run shorter than N intervals) or they span configs (a resume with
+  other settings): the checks come before anything is written."""
+  from resnorm_jax import averaging
+  try:
+    result = averaging.evaluate_average(config, workdir, task, ckpt,
+                                        config.checkpoint.average_last, writer)
+  except ConfigError as e:
+    progress.write(f"checkpoint averaging skipped: {e}")
+    return None
+  progress.write(averaging.describe(result))
+  return result
+
+
 def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
   """The loop of :func:`train_and_evaluate`, in a locked workdir."""
   config_dict = config.to_dict()
@@ -371,9 +387,13 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
   checkpointing.save_config_json(workdir, config_dict)
   task.setup(workdir)
   steps = {False: make_train_step(task)}   # with layer statistics: compiled on first use
+  from resnorm_jax import averaging
   ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
                                     keep=config.checkpoint.keep,
-                                    every_steps=config.checkpoint.every_steps)
+                                    every_steps=config.checkpoint.every_steps,
+                                    average_keep=config.checkpoint.average_last,
+                                    average_every_steps=averaging.average_interval(config),
+                                    fingerprint=checkpointing.config_fingerprint(config_dict))
   try:
     restored = ckpt.restore(abstract)
   except BaseException:
@@ -401,6 +421,7 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
         + "\n  ".join(changes))
   history: list[dict] = []
   last_eval: dict[str, float] = {}
+  average: dict | None = None
   status = "completed"
   train_time = 0.0
 
@@ -467,6 +488,8 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
       run_eval(step)
       save(step, force=True)
     ckpt.wait()
+    if not stopped and config.checkpoint.average_last:
+      average = _evaluate_average(config, workdir, task, ckpt, writer, progress)
     writer.sync()
   finally:
     try:
@@ -480,6 +503,7 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
       "step": step,
       "start_step": start_step,
       "eval": last_eval,
+      "average": average,   # checkpoint.average_last: the averaged checkpoints' evaluation
       "skipped_steps": int(parallelism.to_host(state.skipped_steps)),
       "train_seconds": train_time,
       "total_seconds": time.perf_counter() - t0,

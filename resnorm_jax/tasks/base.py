@@ -110,7 +110,9 @@ class Task:
     """Inputs the layer statistics' call order is traced on."""
     return self.example_inputs()
 
-  def evaluate(self, state, step: int) -> dict[str, float]:
+  def evaluate(self, state, step: int, name: str = "") -> dict[str, float]:
+    """Test metrics of ``state``; ``name`` labels files the evaluation writes (default
+    ``step_<step>``; e.g. ``average_<first>-<last>`` for a checkpoint average)."""
     raise NotImplementedError
 
   def throughput(self, summary: dict, steps_per_sec: float) -> dict[str, float]:

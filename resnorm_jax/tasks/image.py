@@ -87,8 +87,8 @@ class ImageClassification(Task):
     return {"examples_per_sec": steps_per_sec * self.config.train.batch_size}
 
   # -- evaluate ------------------------------------------------------------------------------
-  def evaluate(self, state, step: int) -> dict[str, float]:
-    del step
+  def evaluate(self, state, step: int, name: str = "") -> dict[str, float]:
+    del step, name
     images, labels = self.arrays[2:]
     n, replicas = labels.shape[0], self.mesh.devices.size
     bs = -(-min(self.config.eval.batch_size, n) // replicas) * replicas  # padding is masked

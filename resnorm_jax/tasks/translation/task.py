@@ -176,7 +176,7 @@ class Translation(Task):
           hypotheses[position] = corpora.decode(self.sp, ids)
     return hypotheses
 
-  def evaluate(self, state, step: int) -> dict:
+  def evaluate(self, state, step: int, name: str = "") -> dict:
     hypotheses = self.translate(state)
     tokenized = self.config.translation.tokenized_bleu
     lang = corpora.TRANSLATION_DATASETS.entry(self.config.data.name)[0].meta["target_lang"]
@@ -184,7 +184,7 @@ class Translation(Task):
     if jax.process_index() == 0:
       directory = storage.join(self.workdir, "translations")
       storage.makedirs(directory)
-      storage.write_atomic(storage.join(directory, f"step_{step}.txt"),
+      storage.write_atomic(storage.join(directory, f"{name or f'step_{step}'}.txt"),
                            "".join(h + "\n" for h in hypotheses))
     return {**scores, "sentences": float(len(hypotheses))}
 

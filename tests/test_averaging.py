@@ -1,0 +1,140 @@
+"""Checkpoint averaging (resnorm_jax/averaging.py): retention at an interval, the average's
+evaluation beside the run's metrics, the command and its refusals, a gs:// workdir."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from resnorm_jax import averaging, checkpointing, parallelism, storage, training
+from resnorm_jax.errors import ConfigError
+
+from helpers import REPO, tiny_config
+from test_storage import gcs, gdir  # noqa: F401  (the emulator fixtures)
+
+AVERAGED = {"train.steps": 6, "checkpoint.every_steps": 0, "checkpoint.keep": 1,
+            "parallel.num_devices": 1}
+
+
+def averaged_config(**overrides):
+  c = tiny_config(**{**AVERAGED, **overrides})
+  c.checkpoint.average_last = 3
+  c.checkpoint.average_every_steps = 2
+  return c
+
+
+def average_cli(workdir, *flags):
+  return subprocess.run([sys.executable, "-m", "resnorm_jax.averaging",
+                         f"--workdir={workdir}", *flags], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ))
+
+
+def records(workdir, split):
+  text = storage.read_text(storage.join(workdir, "metrics.jsonl"))
+  return [r for r in map(json.loads, text.splitlines()) if r["split"] == split]
+
+
+def restored_params(workdir, config, steps):
+  task = training.build_task(config, parallelism.make_mesh(1))
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), keep=10 ** 9,
+                                    every_steps=0)
+  try:
+    abstract = training.abstract_state(task)
+    return {s: jax.device_get(ckpt.restore_step(s, abstract).params) for s in steps}
+  finally:
+    ckpt.close()
+
+
+def check_run(workdir, config, summary):
+  """Kept: the newest 3 steps at the interval (and the newest step); the run's own average
+  record; the average is the mean of those checkpoints' parameters."""
+  assert sorted(int(n) for n in storage.listdir(storage.join(workdir, "checkpoints"))
+                if n.isdigit()) == [2, 4, 6]
+  average = summary["average"]
+  assert average["averaged_steps"] == [2, 4, 6] and 0 <= average["error"] <= 1
+  [record] = records(workdir, "average")
+  assert record["step"] == 6 and record["averaged_steps"] == [2, 4, 6]
+  assert record["error"] == pytest.approx(average["error"])
+  params = restored_params(workdir, config, [2, 4, 6])
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), keep=10 ** 9,
+                                    every_steps=0)
+  try:
+    task = training.build_task(config, parallelism.make_mesh(1))
+    state = averaging.averaged_state(ckpt, training.abstract_state(task), [2, 4, 6])
+  finally:
+    ckpt.close()
+  mean = jax.tree_util.tree_map(lambda a, b, c: (a + b + c) / 3, *params.values())
+  # (a + b + c) / 3 in float32 both ways: equal to rounding.
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+                         jax.device_get(state.params), mean)
+
+
+def test_training_keeps_the_interval_and_evaluates_the_average(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = averaged_config()
+  summary = training.train_and_evaluate(config, workdir)
+  check_run(workdir, config, summary)
+
+  # The command: the same average again (the record is replaced, not duplicated) ...
+  proc = average_cli(workdir, "--last=3")
+  assert proc.returncode == 0, proc.stderr
+  assert "average of the 3 checkpoints of steps [2, 4, 6]: test error" in proc.stdout
+  assert len(records(workdir, "average")) == 1
+  # ... and its refusals, one line, exit 2, nothing written.
+  before = storage.read_text(storage.join(workdir, "metrics.jsonl"))
+  proc = average_cli(workdir, "--last=4")
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+  assert lines[0].startswith("resnorm-average: error: --last=4 needs 4 checkpoints at "
+                             "multiples of 2 steps but ")
+  assert "keeps 3 (2, 4, 6)" in lines[0]
+  assert storage.read_text(storage.join(workdir, "metrics.jsonl")) == before
+
+  # A resume with other training settings: the newest checkpoints span two configs.
+  resumed = averaged_config(**{"train.steps": 8, "train.learning_rate": 0.01})
+  assert training.train_and_evaluate(resumed, workdir)["average"] is None  # (with a note)
+  before = storage.read_text(storage.join(workdir, "metrics.jsonl"))
+  proc = average_cli(workdir, "--last=3")
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+  assert "were written under different configs" in lines[0]
+  assert "averaging across runs is refused" in lines[0]
+  assert storage.read_text(storage.join(workdir, "metrics.jsonl")) == before
+
+
+def test_checkpoints_of_another_tree_are_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = averaged_config(**{"train.steps": 4})
+  config.checkpoint.average_last = 2
+  training.train_and_evaluate(config, workdir)
+  wider = averaged_config(**{"model.width": 8})
+  task = training.build_task(wider, parallelism.make_mesh(1))
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), keep=10 ** 9,
+                                    every_steps=0)
+  try:
+    with pytest.raises(ConfigError, match="checkpoint step 2 cannot be averaged"):
+      averaging.averaged_state(ckpt, training.abstract_state(task), [2, 4])
+  finally:
+    ckpt.close()
+
+
+def test_a_short_run_skips_the_average_with_a_note(tmp_path, capsys):
+  config = averaged_config(**{"train.steps": 3})
+  summary = training.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["average"] is None and summary["status"] == "completed"
+  assert "checkpoint averaging skipped: --last=3 needs 3 checkpoints" in \
+      capsys.readouterr().err
+
+
+def test_average_of_a_gs_workdir(gdir):
+  config = averaged_config()
+  summary = training.train_and_evaluate(config, gdir)
+  check_run(gdir, config, summary)
+  proc = average_cli(gdir, "--last=2")
+  assert proc.returncode == 0, proc.stderr
+  assert "average of the 2 checkpoints of steps [4, 6]" in proc.stdout
+  assert [r["averaged_steps"] for r in records(gdir, "average")] == [[4, 6]]
