@@ -41,8 +41,35 @@ def step_memory(depth: int, width: int, batch: int, k: int, norm: str) -> dict:
   task.setup(workdir="")
   step = training.make_train_step(task)
   compiled = step.lower(training.abstract_state(task), task.inputs(0)).compile()
-  m = compiled.memory_analysis()
-  return {"k": k, "microbatch": batch // k,
+  return _row(compiled.memory_analysis(), k, batch // k)
+
+
+def transformer_step_memory(preset: str, vocab: int, max_tokens: int, length: int,
+                            k: int) -> dict:
+  """The same for the Transformer's step on a bucketed batch of ``length``-token rows
+  within ``max_tokens`` (rows a multiple of k, as training rounds them); the step is lowered
+  on abstract inputs, so no data or vocabulary is built."""
+  from resnorm_jax.tasks.translation import corpora
+  c = config_lib.base_config()
+  c.model.name, c.model.preset, c.model.vocab_size = "transformer", preset, vocab
+  c.model.norm, c.model.skip, c.model.max_len = "layer", "post_ln", max(256, length)
+  c.data.name = "toy_translation"
+  c.train.optimizer, c.train.accumulate_steps = "adam", k
+  c.translation.max_tokens, c.translation.max_length = max_tokens, length
+  c.parallel.num_devices = 1
+  config_lib.validate(c, jax.device_count())
+  task = training.build_task(c, parallelism.make_mesh(1))
+  rows = corpora.rows_for(length, max_tokens, k)
+  sharding = parallelism.batch_sharded(task.mesh)
+  inputs = {side: jax.ShapeDtypeStruct((rows, length), "int32", sharding=sharding)
+            for side in ("src", "tgt")}
+  compiled = training.make_train_step(task).lower(training.abstract_state(task),
+                                                  inputs).compile()
+  return _row(compiled.memory_analysis(), k, rows // k)
+
+
+def _row(m, k: int, microbatch: int) -> dict:
+  return {"k": k, "microbatch": microbatch,
           "temp MiB": m.temp_size_in_bytes / MIB,
           "argument MiB": m.argument_size_in_bytes / MIB,
           "output MiB": m.output_size_in_bytes / MIB,
@@ -55,6 +82,11 @@ def step_memory(depth: int, width: int, batch: int, k: int, norm: str) -> dict:
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--model", default="resnet", choices=("resnet", "transformer"))
+  p.add_argument("--preset", default="base", help="transformer preset")
+  p.add_argument("--vocab", type=int, default=37_000)
+  p.add_argument("--max_tokens", type=int, default=25_000)
+  p.add_argument("--length", type=int, default=64, help="transformer: tokens per row")
   p.add_argument("--depth", type=int, default=56)
   p.add_argument("--width", type=int, default=16)
   p.add_argument("--batch", type=int, default=128)
@@ -62,15 +94,22 @@ def main(argv=None) -> dict:
   p.add_argument("--ks", default="1,2,4,8")
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
-  rows = [step_memory(args.depth, args.width, args.batch, int(k), args.norm)
-          for k in args.ks.split(",")]
+  if args.model == "resnet":
+    rows = [step_memory(args.depth, args.width, args.batch, int(k), args.norm)
+            for k in args.ks.split(",")]
+    title = (f"PreAct-ResNet-{args.depth} (width {args.width}, norm {args.norm}), global "
+             f"batch {args.batch}")
+  else:
+    rows = [transformer_step_memory(args.preset, args.vocab, args.max_tokens, args.length,
+                                    int(k)) for k in args.ks.split(",")]
+    title = (f"Transformer {args.preset} (vocabulary {args.vocab}), {args.max_tokens} "
+             f"tokens per batch in rows of {args.length}")
   base = rows[0]
   for row in rows:
     row["temp / k=1"] = row["temp MiB"] / base["temp MiB"]
     row["total / k=1"] = row["total MiB"] / base["total MiB"]
   cols = list(rows[0])
-  print(f"PreAct-ResNet-{args.depth} (width {args.width}, norm {args.norm}), global batch "
-        f"{args.batch}, one {jax.devices()[0].platform} device; compiled.memory_analysis()")
+  print(f"{title}, one {jax.devices()[0].platform} device; compiled.memory_analysis()")
   print("| " + " | ".join(cols) + " |")
   print("|" + "|".join("---" for _ in cols) + "|")
   for row in rows:

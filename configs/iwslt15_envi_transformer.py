@@ -24,6 +24,9 @@ def get_config(arg=None):
   c.train.steps = 50_000
   c.eval.every_steps = 5_000
   c.checkpoint.every_steps = 2_000
+  # Vaswani's averaging of the last 5 checkpoints, every 1,000 steps here (50 per run).
+  c.checkpoint.average_last = 5
+  c.checkpoint.average_every_steps = 1_000
   # The Stanford files are tokenized; the literature's tst2013 BLEU is multi-bleu.perl on
   # them as they are (no published number is transcribed: SPEC section 4 gives a range).
   c.translation.tokenized_bleu = "tokens"

@@ -148,3 +148,36 @@ def test_packed_translation_microbatches_divide_by_the_global_token_count(tmp_pa
   assert_gradients_close(state.opt_state, reference.opt_state)
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
   assert metrics["tokens"] == ref_metrics["tokens"]
+
+
+def test_memory_benchmark_shows_the_activations_falling(capsys):
+  """benchmarks/accumulation_memory.py end to end on a tiny ResNet: XLA's temporaries at
+  k = 2 are well under those at k = 1 (the full-size figures: benchmarks/RESULTS.md)."""
+  from helpers import load_benchmark
+  result = load_benchmark("accumulation_memory").main(
+      ["--depth", "8", "--width", "4", "--batch", "32", "--ks", "1,2"])
+  one, two = result["rows"]
+  assert two["microbatch"] == 16 and two["temp / k=1"] < 0.75
+  assert "compiled.memory_analysis()" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_translation_average_is_scored_with_beam_search_bleu(tmp_path):
+  """A toy translation run with checkpoint averaging: the average's record holds sacreBLEU
+  with its signature and the tokenized BLEU, and its translations are written."""
+  import json
+  from resnorm_jax import storage
+  from test_translation import tiny_config as translation_config
+  c = translation_config(**{"train.steps": 4, "checkpoint.every_steps": 0,
+                            "checkpoint.keep": 1, "translation.tokenized_bleu": "tokens"})
+  c.checkpoint.average_last, c.checkpoint.average_every_steps = 2, 2
+  workdir = str(tmp_path / "run")
+  summary = training.train_and_evaluate(c, workdir)
+  average = summary["average"]
+  assert average["averaged_steps"] == [2, 4]
+  assert average["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+  assert 0 <= average["bleu_tokenized"] <= 100 and 0 <= average["bleu"] <= 100
+  [record] = [r for r in map(json.loads, storage.read_text(
+      storage.join(workdir, "metrics.jsonl")).splitlines()) if r["split"] == "average"]
+  assert record["averaged_steps"] == [2, 4] and record["bleu"] == pytest.approx(average["bleu"])
+  assert storage.exists(storage.join(workdir, "translations", "average_2-4.txt"))

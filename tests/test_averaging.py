@@ -1,6 +1,7 @@
 """Checkpoint averaging (resnorm_jax/averaging.py): retention at an interval, the average's
 evaluation beside the run's metrics, the command and its refusals, a gs:// workdir."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -38,15 +39,27 @@ def records(workdir, split):
   return [r for r in map(json.loads, text.splitlines()) if r["split"] == split]
 
 
-def restored_params(workdir, config, steps):
+@contextlib.contextmanager
+def checkpoints_of(workdir, config):
+  """(the run's checkpoints, the abstract state of ``config``)."""
   task = training.build_task(config, parallelism.make_mesh(1))
   ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), keep=10 ** 9,
                                     every_steps=0)
   try:
-    abstract = training.abstract_state(task)
-    return {s: jax.device_get(ckpt.restore_step(s, abstract).params) for s in steps}
+    yield ckpt, training.abstract_state(task)
   finally:
     ckpt.close()
+
+
+def train_and_average(workdir, last, steps):
+  """A run of :func:`averaged_config` checked by :func:`check_run`, then the command's
+  average of its ``last`` checkpoints (``steps``)."""
+  config = averaged_config()
+  check_run(workdir, config, training.train_and_evaluate(config, workdir))
+  proc = average_cli(workdir, f"--last={last}")
+  assert proc.returncode == 0, proc.stderr
+  assert f"average of the {last} checkpoints of steps {steps}: test error" in proc.stdout
+  assert [r["averaged_steps"] for r in records(workdir, "average")] == [steps]
 
 
 def check_run(workdir, config, summary):
@@ -59,15 +72,10 @@ def check_run(workdir, config, summary):
   [record] = records(workdir, "average")
   assert record["step"] == 6 and record["averaged_steps"] == [2, 4, 6]
   assert record["error"] == pytest.approx(average["error"])
-  params = restored_params(workdir, config, [2, 4, 6])
-  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), keep=10 ** 9,
-                                    every_steps=0)
-  try:
-    task = training.build_task(config, parallelism.make_mesh(1))
-    state = averaging.averaged_state(ckpt, training.abstract_state(task), [2, 4, 6])
-  finally:
-    ckpt.close()
-  mean = jax.tree_util.tree_map(lambda a, b, c: (a + b + c) / 3, *params.values())
+  with checkpoints_of(workdir, config) as (ckpt, abstract):
+    params = [jax.device_get(ckpt.restore_step(s, abstract).params) for s in (2, 4, 6)]
+    state = averaging.averaged_state(ckpt, abstract, [2, 4, 6])
+  mean = jax.tree_util.tree_map(lambda a, b, c: (a + b + c) / 3, *params)
   # (a + b + c) / 3 in float32 both ways: equal to rounding.
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
                          jax.device_get(state.params), mean)
@@ -75,15 +83,8 @@ def check_run(workdir, config, summary):
 
 def test_training_keeps_the_interval_and_evaluates_the_average(tmp_path):
   workdir = str(tmp_path / "run")
-  config = averaged_config()
-  summary = training.train_and_evaluate(config, workdir)
-  check_run(workdir, config, summary)
-
   # The command: the same average again (the record is replaced, not duplicated) ...
-  proc = average_cli(workdir, "--last=3")
-  assert proc.returncode == 0, proc.stderr
-  assert "average of the 3 checkpoints of steps [2, 4, 6]: test error" in proc.stdout
-  assert len(records(workdir, "average")) == 1
+  train_and_average(workdir, 3, [2, 4, 6])
   # ... and its refusals, one line, exit 2, nothing written.
   before = storage.read_text(storage.join(workdir, "metrics.jsonl"))
   proc = average_cli(workdir, "--last=4")
@@ -111,15 +112,9 @@ def test_checkpoints_of_another_tree_are_refused(tmp_path):
   config = averaged_config(**{"train.steps": 4})
   config.checkpoint.average_last = 2
   training.train_and_evaluate(config, workdir)
-  wider = averaged_config(**{"model.width": 8})
-  task = training.build_task(wider, parallelism.make_mesh(1))
-  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), keep=10 ** 9,
-                                    every_steps=0)
-  try:
+  with checkpoints_of(workdir, averaged_config(**{"model.width": 8})) as (ckpt, abstract):
     with pytest.raises(ConfigError, match="checkpoint step 2 cannot be averaged"):
-      averaging.averaged_state(ckpt, training.abstract_state(task), [2, 4])
-  finally:
-    ckpt.close()
+      averaging.averaged_state(ckpt, abstract, [2, 4])
 
 
 def test_a_short_run_skips_the_average_with_a_note(tmp_path, capsys):
@@ -131,10 +126,4 @@ def test_a_short_run_skips_the_average_with_a_note(tmp_path, capsys):
 
 
 def test_average_of_a_gs_workdir(gdir):
-  config = averaged_config()
-  summary = training.train_and_evaluate(config, gdir)
-  check_run(gdir, config, summary)
-  proc = average_cli(gdir, "--last=2")
-  assert proc.returncode == 0, proc.stderr
-  assert "average of the 2 checkpoints of steps [4, 6]" in proc.stdout
-  assert [r["averaged_steps"] for r in records(gdir, "average")] == [[4, 6]]
+  train_and_average(gdir, 2, [4, 6])
