@@ -9,9 +9,14 @@ Variants ``<data>_<combinator>``: data ``iwslt15`` (configs/iwslt15_envi_transfo
 ``wmt14`` (configs/wmt14_ende_transformer.py, Transformer base), combinator ``post_ln``
 (Vaswani's block, y = LN(x + F(x)); also xskip_ln and rskip_ln at λ = 1), ``pre_ln``,
 ``xskip_ln_<λ>`` and ``rskip_ln_<λ>`` for λ in 2, 3.  Everything else is the recipe of the
-data set's config.  Published BLEU: Transformer base on newstest2014, 27.3 (Vaswani et al.
-2017); Liu et al.'s own numbers are in a table SPEC.md does not transcribe, so those
-variants have none until someone copies them from the paper.
+data set's config, which is the published one (README "Published recipes"): ~25k source and
+target tokens per step (on fewer than 8 devices set ``train.accumulate_steps``), 100k steps
+(WMT) / 50k (IWSLT), the average of the last 5 checkpoints evaluated at the end, beam 4,
+α 0.6, and the BLEU measure of the literature (``published.measure = bleu_tokenized``:
+tensor2tensor's compound-split tokenized BLEU for WMT'14 EN-DE, multi-bleu.perl on the
+tokenized IWSLT'15 files).  Published BLEU: Transformer base on newstest2014, 27.3 (Vaswani
+et al. 2017, that measure); Liu et al.'s own numbers are in a table SPEC.md does not
+transcribe, so those variants have none until someone copies them from the paper.
 """
 
 from resnorm_jax import experiments

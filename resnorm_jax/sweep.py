@@ -319,8 +319,9 @@ def find_runs(workdir: str, variant: str) -> dict[int, str]:
 
 def _final_eval_from_metrics(path: str, steps: int) -> dict | None:
   """The last ``eval`` record at step ``steps`` in ``<path>/metrics.jsonl`` (a run trained by
-  resnorm-train directly has no result.json), or None."""
-  found = None
+  resnorm-train directly has no result.json), or None; the checkpoint average's record
+  (split ``average``, resnorm_jax/averaging.py) at that step when there is one."""
+  found = {}
   try:
     with storage.open(storage.join(path, "metrics.jsonl")) as f:
       for line in f:
@@ -328,11 +329,11 @@ def _final_eval_from_metrics(path: str, steps: int) -> dict | None:
           record = json.loads(line)
         except ValueError:
           continue      # a line cut by a crash
-        if record.get("split") == "eval" and record.get("step") == steps:
-          found = record
+        if record.get("split") in ("eval", "average") and record.get("step") == steps:
+          found[record["split"]] = record
   except FileNotFoundError:
     return None
-  return found
+  return found.get("average") or found.get("eval")
 
 
 def _last_checkpoint(path: str) -> int | None:
@@ -455,7 +456,8 @@ def collect_rows(workdir: str, configs: dict, order: tuple[str, ...],
     published = metric["published"]
     published_cfg = configs[variant].published
     rows[variant] = {
-        "variant": variant, "metric": metric["key"], "runs": states,
+        "variant": variant, "metric": metric["key"], "label": metric["label"],
+        "runs": states,
         "seeds": [s["seed"] for s in states if s["status"] == "completed"],
         "values": values, **stats,
         "steps": sorted({s["steps"] for s in states if s["steps"] is not None}),
@@ -528,7 +530,7 @@ def row_notes(row: dict) -> list[str]:
 
 def results_markdown(config_path: str, rows: list[dict[str, Any]]) -> str:
   """The Markdown results table (see the module docstring)."""
-  label = "test BLEU" if rows and rows[0]["metric"] == "bleu" else "test error %"
+  label = rows[0]["label"] if rows else "test error %"
   sources = sorted({r["published_source"] for r in rows if r["published_source"]})
   baselines = {r["baseline"] for r in rows if r["baseline"]}
   versus = (f"Δ mean vs {next(iter(baselines))} [95% CI]" if len(baselines) == 1

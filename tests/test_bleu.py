@@ -3,12 +3,16 @@ on hand-counted n-grams, tensor2tensor's compound split, sacreBLEU's signature, 
 sweep table's choice of measure."""
 
 import math
+import os
 
 import pytest
 
 from resnorm_jax import config as config_lib, sweep
 from resnorm_jax.errors import ConfigError
+from resnorm_jax.experiments import load_config_module
 from resnorm_jax.tasks.translation import bleu
+
+from helpers import REPO
 
 
 def test_multi_bleu_on_hand_counted_ngrams():
@@ -70,20 +74,18 @@ def test_scores_and_the_sweep_table_use_the_published_measure():
   out = bleu.scores(["a b c d"], ["a b c d"], "tokens", "en")
   assert set(out) == {"bleu", "bleu_signature", "bleu_tokenized"}
   assert set(bleu.scores(["a b"], ["a b"], "none", "en")) == {"bleu", "bleu_signature"}
-  import importlib.util
-  import os
-  from helpers import REPO
-  spec = importlib.util.spec_from_file_location(
-      "wmt", os.path.join(REPO, "configs", "wmt14_ende_transformer.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config_module(os.path.join(REPO, "configs", "wmt14_ende_transformer.py")).get_config()
   assert (c.translation.tokenized_bleu, c.published.measure) == ("t2t_compound",
                                                                  "bleu_tokenized")
   metric = sweep.metric_of(c)
   assert metric["key"] == "bleu_tokenized" and metric["published"] == 27.3
   assert metric["label"] == "test BLEU (tokenized, compound-split)"
   assert sweep.metric_value({"bleu": 26.0, "bleu_tokenized": 27.1}, metric["key"]) == 27.1
+  liu = load_config_module(os.path.join(REPO, "configs", "liu2020_translation.py"))
+  for variant in liu.VARIANTS:
+    v = liu.get_config(variant)
+    assert sweep.metric_of(v)["key"] == "bleu_tokenized" and v.checkpoint.average_last == 5
+  assert sweep.metric_of(liu.get_config("wmt14_post_ln"))["published"] == 27.3
   c.translation.tokenized_bleu = "none"
   with pytest.raises(ConfigError, match="published.measure='bleu_tokenized' needs "
                      "translation.tokenized_bleu"):

@@ -248,6 +248,10 @@ def test_translation_configs_and_variants(variant, skip, lam):
     assert (c.train.b2, c.train.eps, c.train.warmup_steps, c.translation.beam_size,
             c.translation.length_penalty, c.train.label_smoothing) == (0.98, 1e-9, 4000, 4,
                                                                        0.6, 0.1)
+    # The published recipe: the average of the last 5 checkpoints, the literature's BLEU.
+    assert (c.checkpoint.average_last, c.published.measure) == (5, "bleu_tokenized")
+    assert c.translation.tokenized_bleu == ("t2t_compound" if name.startswith("wmt")
+                                            else "tokens")
     config_lib.validate(c, 8)
     with pytest.raises(ConfigError, match="unknown variant 'rskip_lnx'"):
       module.get_config("rskip_lnx")
