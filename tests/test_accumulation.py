@@ -181,3 +181,14 @@ def test_translation_average_is_scored_with_beam_search_bleu(tmp_path):
       storage.join(workdir, "metrics.jsonl")).splitlines()) if r["split"] == "average"]
   assert record["averaged_steps"] == [2, 4] and record["bleu"] == pytest.approx(average["bleu"])
   assert storage.exists(storage.join(workdir, "translations", "average_2-4.txt"))
+
+
+def test_layer_statistics_with_accumulation_come_from_the_last_microbatch():
+  from helpers import run_steps_with_stats
+  state, stats = run_steps_with_stats(tiny_config(**{"parallel.num_devices": 1,
+                                                     "train.accumulate_steps": 2}),
+                                      steps=1, stats_at=(0,))
+  assert int(state.step) == 1
+  acts = stats[0]["activations"]
+  assert acts and all(np.isfinite(np.asarray(v)).all()
+                      for v in jax.tree_util.tree_leaves(acts))
