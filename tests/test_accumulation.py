@@ -119,6 +119,13 @@ def test_accumulate_steps_must_divide_each_devices_share():
   with pytest.raises(ConfigError, match="must be a positive integer"):
     config_lib.validate(image_config(**{"train.accumulate_steps": 0}), 8)
   assert config_lib.resume_class("train.accumulate_steps") == config_lib.TRAJECTORY
+  from test_translation import tiny_config as translation_config
+  with pytest.raises(ConfigError, match=r"train.accumulate_steps=4 must divide each device's "
+                     r"share of the batch, but translation.max_tokens=256 gives rows of "
+                     r"translation.max_length=16 tokens fewer than 8 replicas x 4 rows; use "
+                     r"max_tokens >= 512 or a smaller k"):
+    config_lib.validate(translation_config(**{"parallel.num_devices": 8,
+                                              "train.accumulate_steps": 4}), 8)
 
 
 def _translation_config(tmp_path, mode, k):
