@@ -894,7 +894,8 @@ def main(argv: list[str]) -> int:
 
 
 def run():
-  sys.exit(main(sys.argv))
+  from resnorm_jax.train import exit_promptly  # pylint: disable=import-outside-toplevel
+  exit_promptly(lambda: sys.exit(main(sys.argv)))
 
 
 if __name__ == "__main__":

@@ -224,7 +224,20 @@ def run_command(prog: str, define, main_fn, flags_parser) -> None:
     define()
   except Exception as e:  # pylint: disable=broad-except
     fail(describe_error(e))
-  app.run(main_fn, flags_parser=flags_parser)
+  exit_promptly(lambda: app.run(main_fn, flags_parser=flags_parser))
+
+
+def exit_promptly(fn) -> None:
+  """``fn()``; if it ends with exit code 5 (a storage failure, already reported in one line),
+  the process ends at once (:func:`errors.exit_now`): the threads of the storage clients
+  that still retry against the failed store (gcsfs, orbax's async save, the lock's
+  heartbeat) would otherwise keep it alive for minutes and print their tracebacks."""
+  try:
+    fn()
+  except SystemExit as e:
+    if e.code == EXIT_STORAGE:
+      errors.exit_now(EXIT_STORAGE)
+    raise
 
 
 def run():

@@ -519,3 +519,158 @@ def test_a_store_that_fails_during_the_run_is_one_line_exit_5(tmp_path):
   lines = [l for l in err.splitlines() if l.startswith("resnorm-train: error:")]
   assert len(lines) == 1 and "gs://failing/run" in lines[0], err[-3000:]
   assert "the object store failed" in lines[0] and "Traceback" not in err, err[-3000:]
+
+
+# ----------------------------------------------------------------------------------------
+# Storage failures of every exception class: classified at the I/O boundaries.
+# ----------------------------------------------------------------------------------------
+def test_storage_failures_of_any_class_are_classified_and_bugs_are_not():
+  import gcsfs.retry
+  tensorstore_error = ValueError(
+      'UNAVAILABLE: Error writing "ocdbt.process_0/manifest.ocdbt" in OCDBT database at '
+      'gcs bucket "b": HTTP response code: 503 [source locations=\'x.cc:1\']')
+  failing = [tensorstore_error,
+             ValueError("DATA_LOSS: Error reading manifest: Malformed StorageGeneration"),
+             gcsfs.retry.HttpError({"code": 429, "message": "slow down"}),
+             OSError("Forbidden: b/o/x"), FileNotFoundError("b/bkt/o/run%2Fcheckpoints"),
+             TimeoutError("read timed out"), ConnectionResetError(104, "reset by peer")]
+  for error in failing:
+    failure = errors.storage_error(error, "gs://b/run")
+    assert failure is not None and "gs://b/run" in str(failure), error
+    assert len(str(failure).splitlines()) == 1 and "source locations" not in str(failure)
+  wrapped = RuntimeError("orbax: save failed")
+  wrapped.__cause__ = tensorstore_error
+  assert errors.storage_error(wrapped, "w") is not None
+  for bug in (ValueError("operands could not be broadcast"), TypeError("bad"), KeyError("x"),
+              RuntimeError("Timeout waiting for key")):
+    assert errors.storage_error(bug, "w") is None, bug
+  # The store did not answer (no fallback to older checkpoints), or the data is damaged.
+  assert errors.store_unavailable(tensorstore_error)
+  assert errors.store_unavailable(gcsfs.retry.HttpError({"code": 503, "message": "x"}))
+  assert not errors.store_unavailable(ValueError("DATA_LOSS: Error reading manifest"))
+  assert not errors.store_unavailable(FileNotFoundError("gone"))
+
+
+def test_the_path_layer_turns_storage_failures_into_one_line_and_passes_the_rest(tmp_path):
+  @storage.io_boundary
+  def fails_with(path, error):
+    raise error
+  with pytest.raises(errors.StorageError, match=f"{tmp_path}.*TimeoutError"):
+    fails_with(str(tmp_path), TimeoutError("the store did not answer"))
+  for passed in (FileNotFoundError("x"), FileExistsError("x"), ConfigError("x"),
+                 TypeError("a bug"), ValueError("a bug")):
+    with pytest.raises(type(passed)):
+      fails_with(str(tmp_path), passed)
+  # A real one: a directory where a file is written is the storage refusing, not a bug.
+  (tmp_path / "d").mkdir()
+  with pytest.raises(errors.StorageError):
+    storage.write_atomic(str(tmp_path / "d"), b"x")
+
+
+def test_restoring_from_a_bucket_prefix_without_objects_starts_over(gdir):
+  with checkpointing.Checkpointer(storage.join(gdir, "checkpoints"), keep=2,
+                                  every_steps=1) as ckpt:
+    assert ckpt.all_steps() == [] and ckpt.restore(_tree(0)) is None
+
+
+# ----------------------------------------------------------------------------------------
+# A store that misbehaves: tests/fault_proxy.py between the commands and the emulator.
+# ----------------------------------------------------------------------------------------
+# The README's bound: the process is gone this soon after its one-line storage error.
+EXIT_AFTER_ERROR_LINE_SECONDS = 5.0
+FAULT_FLAGS = ["--config.train.steps=20", "--config.checkpoint.every_steps=10"]
+
+
+def _checkpoint_metadata(workdir: str, step: int) -> str:
+  """The request pattern of the first upload of checkpoint ``step``'s metadata (by orbax,
+  through gcsfs): the save has begun, its arrays are not written yet."""
+  return f"name={storage._key(workdir).split('/', 1)[1]}/checkpoints/{step}/_CHECKPOINT_METADATA"
+
+
+@pytest.fixture
+def proxy(gcs):
+  """A FaultProxy in front of the session's emulator; the environment of commands sent
+  through it is ``proxy.env``."""
+  from fault_proxy import FaultProxy
+  port = int(os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1])
+  server = FaultProxy(port)
+  server.env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1",
+                    **emulator_env(server.port))
+  yield server
+  server.close()
+
+
+class _Run:
+  """A ``resnorm-train`` command (a subprocess) whose stderr lines are timed."""
+
+  def __init__(self, env, workdir, *flags, tiny=True):
+    import threading
+    self.t0 = time.monotonic()
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "resnorm_jax.train", f"--workdir={workdir}",
+         *(CLI_TINY if tiny else []), *flags], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    self.lines: list[tuple[float, str]] = []
+    self.out = ""
+    self._readers = [threading.Thread(target=self._read_err, daemon=True),
+                     threading.Thread(target=self._read_out, daemon=True)]
+    for reader in self._readers:
+      reader.start()
+
+  def _read_err(self):
+    for line in self.proc.stderr:
+      self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+  def _read_out(self):
+    self.out = self.proc.stdout.read()
+
+  def wait(self, timeout=600) -> int:
+    self.proc.wait(timeout=timeout)
+    self.ended = time.monotonic()
+    for reader in self._readers:
+      reader.join(timeout=10)
+    return self.proc.returncode
+
+  @property
+  def err(self) -> str:
+    return "\n".join(line for _, line in self.lines)
+
+  def check_one_line_storage_error(self, workdir: str) -> str:
+    """Exit 5 with one error line naming ``workdir``, nothing after it, no traceback, and
+    the process gone within EXIT_AFTER_ERROR_LINE_SECONDS of the line; the line."""
+    assert self.proc.returncode == errors.EXIT_STORAGE, self.err[-3000:]
+    errs = [(t, l) for t, l in self.lines if l.startswith("resnorm-train: error:")]
+    assert len(errs) == 1 and workdir in errs[0][1], self.err[-3000:]
+    assert "Traceback" not in self.err and self.lines[-1][1] == errs[0][1], self.err[-3000:]
+    assert self.ended - errs[0][0] < EXIT_AFTER_ERROR_LINE_SECONDS, self.ended - errs[0][0]
+    return errs[0][1]
+
+
+def _assert_same_final_state(reference, workdir, steps=20):
+  step_a, a = read_state(reference)
+  step_b, b = read_state(workdir)
+  assert step_a == step_b == steps
+  chex.assert_trees_all_equal(a, b)
+
+
+def test_a_store_down_during_a_save_is_exit_5_at_once_and_the_rerun_ends_exact(
+    tmp_path, gdir, proxy):
+  """The store goes down (503 to everything) once the first checkpoint's save has begun,
+  for longer than the retry budget: one line, exit 5, the process gone at once; no
+  checkpoint is complete, so the rerun starts over and ends bitwise where a run without
+  faults ends."""
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  proxy.add(Fault("status", code=503, arm=_checkpoint_metadata(gdir, 10)))
+  run = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  run.wait()
+  line = run.check_one_line_storage_error(gdir)
+  assert "503" in line and "rerun" in line
+  assert proxy.faulted()
+  assert not storage.exists(storage.join(gdir, "checkpoints", "10", "commit_success.txt"))
+  proxy.clear()                                         # the store is back
+  rerun = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert rerun.wait() == 0, rerun.err[-3000:]
+  assert "resumed from" not in rerun.out
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
