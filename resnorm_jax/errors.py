@@ -11,8 +11,10 @@ code meaning
 2    invalid flags, config, data or workdir (nothing was trained; nothing written is lost)
 3    another process of a multi-process run died (checkpoints so far are kept)
 4    the workdir is locked by another run
-5    I/O or storage failure: disk full, read-only or unwritable files (the last complete
-     checkpoint is kept; rerun once the storage is fixed to resume)
+5    I/O or storage failure, whatever exception class the storage libraries raise:
+     disk full, read-only or unwritable files, a store that stays down or answers wrongly
+     past the retries (the last complete checkpoint is kept; rerun once the storage is
+     fixed to resume).  The command ends right after its error line (exit_now).
 70   internal error: a bug, reported with its traceback
 130  interrupted by SIGINT (Ctrl-C) after saving a checkpoint; rerun to resume
 143  preempted by SIGTERM after saving a checkpoint; rerun to resume

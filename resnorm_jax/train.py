@@ -7,7 +7,8 @@ With no ``--config`` it runs ``configs/quickstart.py``.  A workdir that holds ch
 resumes from the newest one.  Exit codes (``resnorm_jax/errors.py``): 0 done, 1 non-finite
 loss (the last good checkpoint is kept), 2 invalid flags, config, data or workdir (nothing
 written), 3 another process of a multi-process run died, 4 the workdir is locked by another
-run, 5 storage failure (disk full, read-only; the last complete checkpoint is kept), 70
+run, 5 storage failure (disk full, read-only, a failing store; the last complete checkpoint
+is kept), 70
 internal error, 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (rerun the
 same command to resume).
 
@@ -159,6 +160,8 @@ def main(argv):
     workdir_lib.check_workdir(workdir, parent_must_exist=explicit)
   except ConfigError as e:
     fail(str(e))
+  except errors.StorageError as e:   # the store failed while it was checked
+    fail(f"{workdir}: {e}", EXIT_STORAGE)
   from resnorm_jax import parallelism  # imports jax: after flags are valid
   try:
     parallelism.initialize_distributed(

@@ -674,3 +674,147 @@ def test_a_store_down_during_a_save_is_exit_5_at_once_and_the_rerun_ends_exact(
   assert "resumed from" not in rerun.out
   assert reference.wait() == 0, reference.err[-3000:]
   _assert_same_final_state(tmp_path / "ref", gdir)
+
+
+@pytest.mark.slow
+def test_a_burst_of_503s_during_a_save_is_retried_and_the_run_ends_exact(tmp_path, gdir,
+                                                                        proxy):
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  proxy.add(Fault("status", code=503, count=5, arm=_checkpoint_metadata(gdir, 10)))
+  proxy.add(Fault("status", code=429, count=2, arm=_checkpoint_metadata(gdir, 20)))
+  proxy.add(Fault("reset", count=2, match="^POST ", arm=_checkpoint_metadata(gdir, 20)))
+  run = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert run.wait() == 0, run.err[-3000:]
+  assert len(proxy.faulted()) == 9 and "Traceback" not in run.err
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+
+
+@pytest.mark.slow
+def test_a_store_down_during_the_second_save_resumes_from_the_first(tmp_path, gdir, proxy):
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  proxy.add(Fault("reset", arm=_checkpoint_metadata(gdir, 20)))   # refused from then on
+  run = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  run.wait()
+  run.check_one_line_storage_error(gdir)
+  proxy.clear()
+  rerun = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert rerun.wait() == 0, rerun.err[-3000:]
+  assert "resumed from step 10" in rerun.out
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+
+
+@pytest.mark.slow
+def test_faults_while_restoring_at_start(tmp_path, gdir, proxy):
+  """Checkpoint reads at start: a burst of 503s is retried and the run resumes exactly; a
+  store that stays down is exit 5 in one line (not a fallback to older steps, not a
+  'no checkpoint could be restored' exit 2)."""
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  first = _Run(proxy.env, gdir, "--config.train.steps=10",
+               "--config.checkpoint.every_steps=10")
+  assert first.wait() == 0, first.err[-3000:]
+  proxy.add(Fault("status", code=503, match=r"^GET .*checkpoints"))
+  down = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  down.wait()
+  down.check_one_line_storage_error(gdir)
+  proxy.clear()
+  proxy.add(Fault("status", code=503, count=4, match=r"^GET .*checkpoints"))
+  rerun = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert rerun.wait() == 0, rerun.err[-3000:]
+  assert "resumed from step 10" in rerun.out and len(proxy.faulted()) >= 4
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+
+
+@pytest.mark.slow
+def test_faults_during_the_metrics_upload(tmp_path, gdir, proxy):
+  """Resets and 503s on metrics.jsonl uploads are retried (the file is complete); an
+  outage of the metrics uploads alone is exit 5 in one line naming the workdir."""
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  proxy.add(Fault("reset", count=2, match="metrics.jsonl"))
+  proxy.add(Fault("status", code=503, count=2, match="metrics.jsonl"))
+  run = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert run.wait() == 0, run.err[-3000:]
+  assert len(proxy.faulted()) == 4
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+  assert ({(r["step"], r["split"]): r["loss"] for r in read_metrics(gdir)}
+          == {(r["step"], r["split"]): r["loss"] for r in read_metrics(str(tmp_path / "ref"))})
+  other = gdir + "-down"
+  proxy.clear()
+  proxy.add(Fault("status", code=503, match="metrics.jsonl"))
+  down = _Run(proxy.env, other, *FAULT_FLAGS)
+  down.wait()
+  assert "metrics.jsonl" in down.check_one_line_storage_error(other)
+
+
+@pytest.mark.slow
+def test_faults_of_the_lock_heartbeat_only_warn(tmp_path, gdir, proxy):
+  """The store refuses the lock's heartbeat (every request on the lock object, for 40 s
+  once the run has started): the run warns in one line per heartbeat and ends exact."""
+  from fault_proxy import Fault
+  flags = ["--config.train.steps=300", "--config.checkpoint.every_steps=100"]
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *flags)
+  proxy.add(Fault("status", code=503, match=r"resnorm\.lock", seconds=40,
+                  arm="name=.*config.json"))
+  run = _Run(proxy.env, gdir, *flags)
+  assert run.wait() == 0, run.err[-3000:]
+  assert proxy.faulted() and "Traceback" not in run.err
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir, steps=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["no_generation", "bad_generation"])
+def test_downloads_without_a_valid_generation_header(tmp_path, gdir, proxy, kind):
+  """Downloads whose x-goog-generation header is missing (gcp-storage-emulator without
+  tests/gcs_emulator.py's wrapper) or not a number: TensorStore cannot update its OCDBT
+  manifests.  The run either copes or stops with one line (exit 5, not a crash), and the
+  rerun against a sound store ends exact."""
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  proxy.add(Fault(kind, match="alt=media"))
+  run = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  if run.wait() != 0:
+    run.check_one_line_storage_error(gdir)
+  assert proxy.faulted()
+  proxy.clear()
+  rerun = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert rerun.wait() == 0, rerun.err[-3000:]
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+
+
+@pytest.mark.slow
+def test_faults_while_preparing_the_token_cache_of_a_translation_run(gdir, proxy):
+  """IWSLT'15 files in the bucket, the token cache written there at start: a store that
+  refuses the cache's objects is exit 5 in one line; once it works the rerun trains."""
+  from fault_proxy import Fault
+  for split, count in (("train", 120), ("tst2013", 8)):
+    for lang in ("en", "vi"):
+      storage.write_text(storage.join(gdir, "data", f"{split}.{lang}"), "".join(
+          " ".join(f"{lang}{(i * 7 + j) % 11}" for j in range(1 + i % 5)) + "\n"
+          for i in range(count)))
+  flags = ["--config.model.name=transformer", "--config.model.preset=tiny",
+           "--config.model.vocab_size=48", "--config.model.max_len=32",
+           "--config.model.dropout_rate=0.0", "--config.data.name=iwslt15_envi",
+           f"--config.data.data_dir={storage.join(gdir, 'data')}",
+           "--config.translation.max_length=16", "--config.translation.max_tokens=256",
+           "--config.translation.beam_size=2", "--config.train.optimizer=adam",
+           "--config.train.steps=2", "--config.train.log_every_steps=1",
+           "--config.eval.every_steps=0", "--config.eval.batch_size=16",
+           "--config.checkpoint.every_steps=2", "--config.parallel.num_devices=1"]
+  run_dir = storage.join(gdir, "run")
+  proxy.add(Fault("status", code=503, match="tokens"))
+  down = _Run(proxy.env, run_dir, *flags, tiny=False)
+  down.wait()
+  assert "tokens" in down.check_one_line_storage_error(run_dir)
+  proxy.clear()
+  rerun = _Run(proxy.env, run_dir, *flags, tiny=False)
+  assert rerun.wait() == 0, rerun.err[-3000:]
+  assert storage.exists(storage.join(run_dir, "checkpoints", "2", "commit_success.txt"))
