@@ -108,7 +108,10 @@ class Checkpointer:
     self.keep = keep
     self.every_steps = int(every_steps)
     with self._io():
-      self._manager = self._create_manager()
+      try:
+        self._manager = self._create_manager()
+      except FileNotFoundError:  # its listing raced with the removal of a partial step
+        self._manager = self._create_manager()
 
   def _create_manager(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(

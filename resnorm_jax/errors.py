@@ -36,7 +36,7 @@ __all__ = ["ConfigError", "NonFiniteLossError", "WorkdirLockedError", "StorageEr
            "EXIT_OK", "EXIT_NONFINITE", "EXIT_USAGE", "EXIT_PEER_LOST", "EXIT_LOCKED",
            "EXIT_STORAGE", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_PREEMPTED",
            "exit_code_for_signal", "storage_error", "store_unavailable", "one_line",
-           "within", "exit_now", "CLEANUP_SECONDS"]
+           "within", "exit_now", "CLEANUP_SECONDS", "malformed_response"]
 
 class ConfigError(ValueError):
   """Bad input (config, flags, data, checkpoint): the message names the problem and the fix."""
@@ -135,6 +135,24 @@ def _is_store_library_error(error: BaseException) -> bool:
           or bool(_TENSORSTORE_STATUS.match(str(error).lstrip())))
 
 
+# Where the storage clients live: a ValueError (a JSON or text decoding error) raised while
+# one of them parsed a response means the store answered with something malformed.
+_STORE_CODE = tuple(f"{os.sep}{name}{os.sep}" for name in ("gcsfs", "fsspec", "aiohttp"))
+
+
+def malformed_response(error: BaseException) -> bool:
+  """Whether ``error`` is a ValueError raised while a storage client parsed a response (a
+  corrupted or truncated body), judged by the frames of its traceback."""
+  if not isinstance(error, ValueError) or _TENSORSTORE_STATUS.match(str(error).lstrip()):
+    return False
+  tb = error.__traceback__
+  while tb is not None:
+    if any(part in tb.tb_frame.f_code.co_filename for part in _STORE_CODE):
+      return True
+    tb = tb.tb_next
+  return False
+
+
 def storage_error(error: BaseException, where: str) -> StorageError | None:
   """A one-line :class:`StorageError` naming ``where`` if ``error`` (or anything in its
   cause/context chain) is a failure of storage I/O, whatever its class: an ``OSError``
@@ -151,6 +169,9 @@ def storage_error(error: BaseException, where: str) -> StorageError | None:
       if text in str(link):
         return StorageError(f"{os.strerror(code).lower()} while writing {where}")
   for link in _chain(error):
+    if malformed_response(link):
+      return StorageError(f"the object store answered with a malformed response while "
+                          f"accessing {where} ({' '.join(one_line(link, 200).split())})")
     if _is_store_library_error(link) or isinstance(link, OSError):
       what = "the object store" if _is_store_library_error(link) else "the storage"
       return StorageError(f"{what} failed while accessing {where} "
@@ -240,9 +261,13 @@ def quiet_failed_write_reports() -> None:
     other asyncio errors are kept);
   * "Exception ignored in: None ... RuntimeError: Event loop is closed": TensorStore's C++
     threads completing futures whose callbacks schedule work on the loop orbax has closed
-    (an unraisable-exception hook: every other unraisable exception is printed as usual).
+    (an unraisable-exception hook: every other unraisable exception is printed as usual);
+  * gcsfs's "out of retries" / "non-retriable exception" records with the store error's
+    traceback (a filter on the ``gcsfs`` logger): gcsfs raises the same error to its
+    caller, whose I/O boundary reports it as the command's one line.
   """
   logging.getLogger("asyncio").addFilter(_StorageLogFilter())
+  logging.getLogger("gcsfs").addFilter(_StorageLogFilter())
   default = sys.unraisablehook
 
   def hook(unraisable):

@@ -49,7 +49,10 @@ from resnorm_jax.errors import ConfigError, StorageError
 #   32 s: about 15 minutes) is lowered to TENSORSTORE_RETRIES by
 #   resnorm_jax.checkpointing, to match gcsfs's.
 # * orbax itself retries nothing.
+# * A response that cannot be parsed (a corrupted body) is retried by nobody below: the
+#   path layer retries its idempotent operations MALFORMED_RETRIES times (io_boundary).
 REQUEST_TIMEOUT = (30.0, 60.0)
+MALFORMED_RETRIES = 2
 TENSORSTORE_RETRIES = {"max_retries": 6, "initial_delay": "1s", "max_delay": "16s"}
 
 # The URL schemes a workdir or data directory may use (all others are a ConfigError).
@@ -136,40 +139,52 @@ def Path(path):  # pylint: disable=invalid-name
 # ----------------------------------------------------------------------------------------
 # The I/O boundary.
 # ----------------------------------------------------------------------------------------
-def io_boundary(fn):
+def io_boundary(fn=None, *, idempotent: bool = False):
   """Makes ``fn(path, ...)`` an I/O boundary: a failure of the storage, whatever exception
   class the OS, gcsfs, aiohttp or google.auth raise it as (after their retries), leaves as
   a one-line :class:`StorageError` naming ``path`` and the cause (exit 5).  Passed through
   unchanged: ``FileNotFoundError`` / ``FileExistsError`` (answers the callers act on),
-  :class:`ConfigError`, and anything that is not a storage failure (a bug: exit 70)."""
+  :class:`ConfigError`, and anything that is not a storage failure (a bug: exit 70).
+
+  With ``idempotent`` (reads, and writes that replace a whole object), a response of the
+  store that cannot be parsed (a corrupted body: gcsfs does not retry it) is retried
+  :data:`MALFORMED_RETRIES` times, 1 s and then 2 s later."""
+  if fn is None:
+    return functools.partial(io_boundary, idempotent=idempotent)
+
   @functools.wraps(fn)
   def boundary(path, *args, **kwargs):
-    try:
-      return fn(path, *args, **kwargs)
-    except (FileNotFoundError, FileExistsError, ConfigError, StorageError):
-      raise
-    except Exception as e:  # pylint: disable=broad-except  (classified, else re-raised)
-      failure = errors.storage_error(e, os.fspath(path))
-      if failure is None:
+    for attempt in range(MALFORMED_RETRIES + 1 if idempotent else 1):
+      try:
+        return fn(path, *args, **kwargs)
+      except (FileNotFoundError, FileExistsError, ConfigError, StorageError):
         raise
-      raise failure from e
+      except Exception as e:  # pylint: disable=broad-except  (classified, else re-raised)
+        failure = errors.storage_error(e, os.fspath(path))
+        if failure is None:
+          raise
+        if idempotent and attempt < MALFORMED_RETRIES and errors.malformed_response(e):
+          import time  # pylint: disable=import-outside-toplevel
+          time.sleep(2 ** attempt)
+          continue
+        raise failure from e
   return boundary
 
 
 # ----------------------------------------------------------------------------------------
 # Files.
 # ----------------------------------------------------------------------------------------
-@io_boundary
+@io_boundary(idempotent=True)
 def exists(path) -> bool:
   return Path(path).exists()
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def isdir(path) -> bool:
   return Path(path).is_dir()
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def isfile(path) -> bool:
   return Path(path).is_file()
 
@@ -183,7 +198,7 @@ def makedirs(path) -> None:
   os.makedirs(os.path.expanduser(os.fspath(path)), exist_ok=True)
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def listdir(path) -> list[str]:
   """Names in directory ``path`` (sorted); [] if it does not exist."""
   p = Path(path)
@@ -192,7 +207,7 @@ def listdir(path) -> list[str]:
   return sorted(child.name for child in p.iterdir())
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def glob(path, pattern: str) -> list[str]:
   """Paths below ``path`` matching ``pattern`` (sorted strings)."""
   p = Path(path)
@@ -201,7 +216,7 @@ def glob(path, pattern: str) -> list[str]:
   return sorted(os.fspath(child) for child in p.glob(pattern))
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def files_under(path) -> list[str]:
   """Every file below directory ``path``, recursively (sorted paths)."""
   path = os.fspath(path)
@@ -221,17 +236,17 @@ def open(path, mode: str = "r", **kwargs) -> IO:  # pylint: disable=redefined-bu
   return builtins.open(os.path.expanduser(os.fspath(path)), mode, **kwargs)
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def read_bytes(path) -> bytes:
   return Path(path).read_bytes()
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def read_text(path) -> str:
   return Path(path).read_text(encoding="utf-8")
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def write_bytes(path, data: bytes) -> None:
   """Writes ``data`` to ``path`` (not atomically on a local disk: see write_atomic)."""
   if not is_url(path):
@@ -243,7 +258,7 @@ def write_text(path, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def write_atomic(path, data: bytes | str) -> None:
   """Writes ``data`` so that a crash leaves the old content or the new one, never a part.
 
@@ -270,7 +285,7 @@ def write_atomic(path, data: bytes | str) -> None:
     raise
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def copy(src, dst) -> None:
   """Copies file ``src`` to ``dst`` (either may be a URL)."""
   write_atomic(dst, read_bytes(src))
@@ -364,7 +379,7 @@ def _gcs():
     raise ConfigError(f"gs:// paths need gcsfs ({e}); pip install gcsfs") from None
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def stat(path) -> tuple[float, int | None]:
   """(modification time in seconds since the epoch, GCS generation or None locally);
   FileNotFoundError if absent."""
@@ -373,10 +388,10 @@ def stat(path) -> tuple[float, int | None]:
   fs = _gcs()
   fs.invalidate_cache(_key(path))
   info = fs.info(_key(path))
-  return info["mtime"].timestamp(), int(info["generation"])
+  return info["mtime"].timestamp(), _generation(info, path)
 
 
-@io_boundary
+@io_boundary(idempotent=True)
 def read_with_generation(path) -> tuple[bytes, float, int | None]:
   """(content, modification time, generation): one consistent version of ``path``."""
   if not is_url(path):
@@ -439,10 +454,21 @@ def _upload(path, data: bytes, if_generation: int) -> int:
                   json_out=True)
   finally:
     fs.invalidate_cache(_key(path))
-  return int(out["generation"])
+  return _generation(out, path)
 
 
 @io_boundary
+def _generation(metadata, path) -> int:
+  """The ``generation`` of an object's metadata as the store answered it; a missing or
+  malformed one is a storage failure, not a bug."""
+  try:
+    return int(metadata["generation"])
+  except (KeyError, TypeError, ValueError):
+    value = metadata.get("generation") if isinstance(metadata, dict) else None
+    raise StorageError(f"the object store answered without a valid generation for {path} "
+                       f"({value!r})") from None
+
+
 def honours_preconditions(path) -> bool:
   """Whether the store of ``gs://`` ``path`` refuses a create-if-absent of an existing
   object, i.e. honours generation preconditions (GCS does; gcp-storage-emulator does not).

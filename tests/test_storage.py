@@ -571,11 +571,52 @@ def test_restoring_from_a_bucket_prefix_without_objects_starts_over(gdir):
   with checkpointing.Checkpointer(storage.join(gdir, "checkpoints"), keep=2,
                                   every_steps=1) as ckpt:
     assert ckpt.all_steps() == [] and ckpt.restore(_tree(0)) is None
+    # gcsfs lists a prefix whose objects are gone (a partial step orbax has just removed)
+    # as FileNotFoundError: nothing to resume, not a crash.
+    def listing_fails(*args, **kwargs):
+      raise FileNotFoundError("b/bkt/o/run%2Fcheckpoints")
+    for method in ("reload", "all_steps"):
+      setattr(ckpt._manager, method, listing_fails)
+    try:
+      assert ckpt.all_steps() == [] and ckpt.restore(_tree(0)) is None
+    finally:
+      for method in ("reload", "all_steps"):
+        delattr(ckpt._manager, method)
 
 
 # ----------------------------------------------------------------------------------------
 # A store that misbehaves: tests/fault_proxy.py between the commands and the emulator.
 # ----------------------------------------------------------------------------------------
+def test_a_corrupted_response_is_a_storage_failure_and_retried_by_the_path_layer():
+  # gcsfs parses a corrupted answer with json.loads and does not retry the ValueError: it is
+  # recognised by the storage client's frame in its traceback.
+  client = {}
+  exec(compile("import json\ndef parse(body):\n  return json.loads(body)\n",
+               os.path.join(os.sep, "site-packages", "gcsfs", "core.py"), "exec"), client)
+  with pytest.raises(ValueError) as raised:
+    client["parse"]("\x1e\x7f{corrupt")
+  assert errors.malformed_response(raised.value)
+  assert "malformed response" in str(errors.storage_error(raised.value, "gs://x"))
+  assert not errors.malformed_response(ValueError("a bug"))
+  # The path layer retries its idempotent operations on it, a bounded number of times.
+  calls = []
+
+  @storage.io_boundary(idempotent=True)
+  def upload(path, failures):
+    calls.append(path)
+    if len(calls) <= failures:
+      client["parse"]("{corrupt")
+  upload("gs://b/o", 1)
+  assert len(calls) == 2
+  calls.clear()
+  with pytest.raises(errors.StorageError, match="malformed response"):
+    upload("gs://b/o", 10)
+  assert len(calls) == storage.MALFORMED_RETRIES + 1
+  # Metadata without a valid generation is the store's fault too.
+  with pytest.raises(errors.StorageError, match="without a valid generation"):
+    storage._generation({"generation": "not-a-number"}, "gs://b/o")
+
+
 # The README's bound: the process is gone this soon after its one-line storage error.
 EXIT_AFTER_ERROR_LINE_SECONDS = 5.0
 FAULT_FLAGS = ["--config.train.steps=20", "--config.checkpoint.every_steps=10"]
@@ -717,12 +758,13 @@ def test_faults_while_restoring_at_start(tmp_path, gdir, proxy):
   first = _Run(proxy.env, gdir, "--config.train.steps=10",
                "--config.checkpoint.every_steps=10")
   assert first.wait() == 0, first.err[-3000:]
-  proxy.add(Fault("status", code=503, match=r"^GET .*checkpoints"))
+  step_10 = r"^GET .*checkpoints(/|%2F)10(/|%2F)"    # reads of the step, not the listing
+  proxy.add(Fault("status", code=503, match=step_10))
   down = _Run(proxy.env, gdir, *FAULT_FLAGS)
   down.wait()
-  down.check_one_line_storage_error(gdir)
+  assert "checkpoints" in down.check_one_line_storage_error(gdir)
   proxy.clear()
-  proxy.add(Fault("status", code=503, count=4, match=r"^GET .*checkpoints"))
+  proxy.add(Fault("status", code=503, count=4, match=step_10))
   rerun = _Run(proxy.env, gdir, *FAULT_FLAGS)
   assert rerun.wait() == 0, rerun.err[-3000:]
   assert "resumed from step 10" in rerun.out and len(proxy.faulted()) >= 4
@@ -738,9 +780,11 @@ def test_faults_during_the_metrics_upload(tmp_path, gdir, proxy):
   reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
   proxy.add(Fault("reset", count=2, match="metrics.jsonl"))
   proxy.add(Fault("status", code=503, count=2, match="metrics.jsonl"))
+  proxy.add(Fault("corrupt", count=1, match="metrics.jsonl"))
+  proxy.add(Fault("delay", delay=3.0, count=1, match="metrics.jsonl"))
   run = _Run(proxy.env, gdir, *FAULT_FLAGS)
   assert run.wait() == 0, run.err[-3000:]
-  assert len(proxy.faulted()) == 4
+  assert len(proxy.faulted()) == 6
   assert reference.wait() == 0, reference.err[-3000:]
   _assert_same_final_state(tmp_path / "ref", gdir)
   assert ({(r["step"], r["split"]): r["loss"] for r in read_metrics(gdir)}
