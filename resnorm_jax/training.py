@@ -249,24 +249,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_lib.validate(config, jax.device_count())
     mesh = parallelism.make_mesh(config.parallel.num_devices)
     task = build_task(config, mesh)                       # a data error writes nothing
+    store_failed = False
     try:
       _acquire(lock, workdir)
       return _run(config, workdir, task, guard, t0)
     except (ConfigError, NonFiniteLossError, WorkdirLockedError):
-      lock.release()
       raise
     except Exception as e:  # pylint: disable=broad-except  (classified, else re-raised)
       failure = storage_error(e, workdir)
       if failure is None:
-        lock.release()
         raise
+      store_failed = True
       errors.within(errors.CLEANUP_SECONDS, lock.release)   # the store may be down
       raise _storage_failure(workdir, failure) from e
-    except BaseException:
-      lock.release()
-      raise
-    else:
-      lock.release()
+    finally:
+      if not store_failed:
+        lock.release()
 
 
 def _storage_failure(workdir: str, failure: StorageError) -> StorageError:

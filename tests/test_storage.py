@@ -713,6 +713,7 @@ def test_a_store_down_during_a_save_is_exit_5_at_once_and_the_rerun_ends_exact(
   rerun = _Run(proxy.env, gdir, *FAULT_FLAGS)
   assert rerun.wait() == 0, rerun.err[-3000:]
   assert "resumed from" not in rerun.out
+  assert not storage.exists(storage.join(gdir, LOCK))
   assert reference.wait() == 0, reference.err[-3000:]
   _assert_same_final_state(tmp_path / "ref", gdir)
 
