@@ -52,8 +52,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from resnorm_jax import config as config_lib, storage, workdir as workdir_lib
-from resnorm_jax.errors import ConfigError
+from resnorm_jax import config as config_lib, errors, storage, workdir as workdir_lib
+from resnorm_jax.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,32 @@ ITEM = "state"          # the orbax item name the train state is stored under
 CONFIG_FILE = "config.json"
 FINGERPRINT = "config_fingerprint"   # a step's custom metadata: config_fingerprint()
 _MAX_LISTED = 5         # differences listed in a mismatch message, per kind
+
+
+def _bound_tensorstore_retries() -> None:
+  """Gives every TensorStore context orbax creates the retry budget of
+  :data:`resnorm_jax.storage.TENSORSTORE_RETRIES` for GCS requests (TensorStore's default,
+  32 retries with delays up to 32 s, kept a run whose store was down for ~15 minutes
+  before it could report the failure).  Orbax builds each context with
+  ``tensorstore_utils.get_ts_context``, looked up at each call, which is wrapped here."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=import-outside-toplevel
+  original = tensorstore_utils.get_ts_context
+  if getattr(original, "bounded_retries", False):
+    return
+
+  def get_ts_context(*args, **kwargs):
+    context = original(*args, **kwargs)
+    spec = context.spec.to_json() if hasattr(context, "spec") else None
+    if spec is None:
+      return context
+    spec.setdefault("gcs_request_retries", dict(storage.TENSORSTORE_RETRIES))
+    import tensorstore as ts  # pylint: disable=import-outside-toplevel
+    return ts.Context(spec)
+  get_ts_context.bounded_retries = True
+  tensorstore_utils.get_ts_context = get_ts_context
+
+
+_bound_tensorstore_retries()
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,12 +116,19 @@ class Checkpointer:
     self.average_keep = int(average_keep)
     self.average_every_steps = int(average_every_steps)
     self.fingerprint = fingerprint
-    policy = ocp.checkpoint_managers.LatestN(n=keep)
+    with self._io():
+      try:
+        self._manager = self._create_manager()
+      except FileNotFoundError:  # its listing raced with the removal of a partial step
+        self._manager = self._create_manager()
+
+  def _create_manager(self) -> ocp.CheckpointManager:
+    policy = ocp.checkpoint_managers.LatestN(n=self.keep)
     if self.average_keep > 0 and self.average_every_steps > 0:
       policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, (
           ocp.checkpoint_managers.EveryNSteps(interval_steps=self.average_every_steps,
                                               max_to_keep=self.average_keep))])
-    self._manager = ocp.CheckpointManager(
+    return ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             preservation_policy=policy,
@@ -107,11 +140,22 @@ class Checkpointer:
             **{ITEM: ocp.StandardCheckpointHandler()}),
     )
 
+  def _io(self):
+    """The I/O boundary of orbax and TensorStore: a storage failure raised inside, whatever
+    its class, leaves as a one-line :class:`StorageError` naming the checkpoint directory
+    (see :func:`resnorm_jax.errors.storage_error`); anything else is unchanged."""
+    return _CheckpointIO(self.directory)
+
   # -- queries ---------------------------------------------------------------------------------
 
   def all_steps(self) -> list[int]:
-    """Steps on disk (or being written by this process), ascending; temp dirs excluded."""
-    return sorted(int(s) for s in self._manager.all_steps())
+    """Steps on disk (or being written by this process), ascending; temp dirs excluded.
+    A prefix without objects (gcsfs lists it as FileNotFoundError) holds no step."""
+    with self._io():
+      try:
+        return sorted(int(s) for s in self._manager.all_steps())
+      except FileNotFoundError:
+        return []
 
   def latest_step(self) -> int | None:
     """The newest step, or ``None`` when there is no checkpoint."""
@@ -142,23 +186,27 @@ class Checkpointer:
     step = int(step)
     if not (force or self.should_save(step)):
       return False
-    if step in self._manager.all_steps():
+    if step in self.all_steps():
       log.info("checkpoint step %d already exists in %s; not saving it again",
                step, self.directory)
       return False
     # Cadence is decided above, so orbax is always told to save (force=True); orbax still
     # refuses an existing step, which the check above has ruled out.
-    return bool(self._manager.save(
-        step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(tree)}), force=True,
-        custom_metadata={FINGERPRINT: self.fingerprint} if self.fingerprint else None))
+    # A failure of the previous (asynchronous) save is raised here.
+    with self._io():
+      return bool(self._manager.save(
+          step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(tree)}), force=True,
+          custom_metadata={FINGERPRINT: self.fingerprint} if self.fingerprint else None))
 
   def wait(self) -> None:
     """Blocks until every started save is committed to disk (and old steps pruned)."""
-    self._manager.wait_until_finished()
+    with self._io():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and releases orbax's background resources."""
-    self._manager.close()
+    with self._io():
+      self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -178,10 +226,16 @@ class Checkpointer:
 
     Returns ``(step, tree)``, or ``None`` when there is no checkpoint.  A step that fails to
     read is skipped with a warning; if none can be read, or the checkpoint was written for a
-    different tree (model/config), raises :class:`ConfigError`.
+    different tree (model/config), raises :class:`ConfigError`.  A store that does not
+    answer (timeouts, HTTP 429/5xx after the retries, refused credentials) is not a damaged
+    step: it raises :class:`StorageError` (exit 5) instead of falling back to older steps.
     """
     self.wait()  # a save still in flight from this process must land before we read
-    self._manager.reload()
+    with self._io():
+      try:
+        self._manager.reload()
+      except FileNotFoundError:   # a gs:// prefix without objects: nothing to resume
+        return None
     steps = self.all_steps()
     if not steps:
       return None
@@ -228,6 +282,10 @@ class Checkpointer:
       raise
     except Exception as e:  # pylint: disable=broad-except  (tensorstore raises bare ones)
       tree, error = None, e
+    if error is not None and errors.store_unavailable(error):
+      failure = errors.storage_error(error, f"{self.directory} (step {step})")
+      if failure is not None:
+        raise failure from error
     if not _all_processes_agree(error is None) and error is None:
       tree, error = None, RuntimeError(f"step {step} failed to restore on another process")
     return tree, error
@@ -268,6 +326,25 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
+class _CheckpointIO:
+  """See :meth:`Checkpointer._io`."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback) -> bool:
+    if error is None or isinstance(error, (ConfigError, StorageError)) \
+        or not isinstance(error, Exception):
+      return False
+    failure = errors.storage_error(error, self.directory)
+    if failure is not None:
+      raise failure from error
+    return False
+
+
 def _describe(e: BaseException, limit: int = 300) -> str:
   """``Type: first line`` of the innermost cause of ``e``, shortened.
 
@@ -276,11 +353,7 @@ def _describe(e: BaseException, limit: int = 300) -> str:
   """
   while e.__cause__ is not None:
     e = e.__cause__
-  lines = str(e).strip().splitlines()
-  text = lines[0] if lines else ""
-  text = text.split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
-  text = text if len(text) <= limit else text[:limit] + "..."
-  return f"{type(e).__name__}: {text}"
+  return errors.one_line(e, limit)
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -10,6 +11,7 @@ import time
 from typing import Mapping
 
 from resnorm_jax import storage, workdir as workdir_lib
+from resnorm_jax.errors import StorageError
 
 # On an object store, at most this long passes between uploads of a JSON-lines file that
 # has new records (and each checkpoint uploads them at once: see MetricWriter).
@@ -174,7 +176,11 @@ def read_metrics(workdir: str, filename: str = "metrics.jsonl") -> list[dict]:
 
 class _ObjectRecordWriter:
   """A TensorBoard event file on an object store: the bytes written so far, uploaded whole
-  (replacing the object) at each flush, since objects cannot be appended to."""
+  (replacing the object) at each flush, since objects cannot be appended to.
+
+  tensorboardX flushes from a thread of its own, where a failing store would end in a
+  traceback: a failed upload is a one-line warning instead (the next flush uploads the
+  whole file again; the metrics and checkpoints report the failure as the run's error)."""
 
   def __init__(self, path: str):
     self.path, self._data, self._uploaded = path, bytearray(), -1
@@ -184,7 +190,11 @@ class _ObjectRecordWriter:
 
   def flush(self) -> None:
     if len(self._data) != self._uploaded:
-      storage.write_atomic(self.path, bytes(self._data))
+      try:
+        storage.write_atomic(self.path, bytes(self._data))
+      except StorageError as e:
+        logging.getLogger(__name__).warning("TensorBoard events not uploaded: %s", e)
+        return
       self._uploaded = len(self._data)
 
   def close(self) -> None:

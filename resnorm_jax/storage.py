@@ -34,7 +34,26 @@ import re
 import tempfile
 from typing import IO, Iterator
 
-from resnorm_jax.errors import ConfigError
+from resnorm_jax import errors
+from resnorm_jax.errors import ConfigError, StorageError
+
+# Retries of transient store errors (HTTP 408, 429, 5xx, reset or refused connections,
+# timeouts), bounded so that a store that stays down ends a run (exit 5) within minutes:
+# * gcsfs (every object but the checkpoint arrays: config, metrics, lock, data, orbax's
+#   step metadata and commit markers) makes 6 attempts, sleeping 1, 2, 4, 8 and 16 s (+ up
+#   to 1 s of jitter) between them (gcsfs.retry.retry_request; fixed by gcsfs).  Each
+#   attempt is bounded here: REQUEST_TIMEOUT = (connect, between two reads) seconds, which
+#   gcsfs reports as a retried aiohttp timeout error.
+# * TensorStore (the checkpoint arrays and OCDBT manifests orbax writes) retries the same
+#   errors with exponential backoff; its default budget (32 retries, delays 1 s doubling to
+#   32 s: about 15 minutes) is lowered to TENSORSTORE_RETRIES by
+#   resnorm_jax.checkpointing, to match gcsfs's.
+# * orbax itself retries nothing.
+# * A response that cannot be parsed (a corrupted body) is retried by nobody below: the
+#   path layer retries its idempotent operations MALFORMED_RETRIES times (io_boundary).
+REQUEST_TIMEOUT = (30.0, 60.0)
+MALFORMED_RETRIES = 2
+TENSORSTORE_RETRIES = {"max_retries": 6, "initial_delay": "1s", "max_delay": "16s"}
 
 # The URL schemes a workdir or data directory may use (all others are a ConfigError).
 SCHEMES = ("gs",)
@@ -118,20 +137,59 @@ def Path(path):  # pylint: disable=invalid-name
 
 
 # ----------------------------------------------------------------------------------------
+# The I/O boundary.
+# ----------------------------------------------------------------------------------------
+def io_boundary(fn=None, *, idempotent: bool = False):
+  """Makes ``fn(path, ...)`` an I/O boundary: a failure of the storage, whatever exception
+  class the OS, gcsfs, aiohttp or google.auth raise it as (after their retries), leaves as
+  a one-line :class:`StorageError` naming ``path`` and the cause (exit 5).  Passed through
+  unchanged: ``FileNotFoundError`` / ``FileExistsError`` (answers the callers act on),
+  :class:`ConfigError`, and anything that is not a storage failure (a bug: exit 70).
+
+  With ``idempotent`` (reads, and writes that replace a whole object), a response of the
+  store that cannot be parsed (a corrupted body: gcsfs does not retry it) is retried
+  :data:`MALFORMED_RETRIES` times, 1 s and then 2 s later."""
+  if fn is None:
+    return functools.partial(io_boundary, idempotent=idempotent)
+
+  @functools.wraps(fn)
+  def boundary(path, *args, **kwargs):
+    for attempt in range(MALFORMED_RETRIES + 1 if idempotent else 1):
+      try:
+        return fn(path, *args, **kwargs)
+      except (FileNotFoundError, FileExistsError, ConfigError, StorageError):
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (classified, else re-raised)
+        failure = errors.storage_error(e, os.fspath(path))
+        if failure is None:
+          raise
+        if idempotent and attempt < MALFORMED_RETRIES and errors.malformed_response(e):
+          import time  # pylint: disable=import-outside-toplevel
+          time.sleep(2 ** attempt)
+          continue
+        raise failure from e
+  return boundary
+
+
+# ----------------------------------------------------------------------------------------
 # Files.
 # ----------------------------------------------------------------------------------------
+@io_boundary(idempotent=True)
 def exists(path) -> bool:
   return Path(path).exists()
 
 
+@io_boundary(idempotent=True)
 def isdir(path) -> bool:
   return Path(path).is_dir()
 
 
+@io_boundary(idempotent=True)
 def isfile(path) -> bool:
   return Path(path).is_file()
 
 
+@io_boundary
 def makedirs(path) -> None:
   """Creates ``path`` and its parents (a no-op on a bucket beyond a check: object stores
   have no directories)."""
@@ -140,6 +198,7 @@ def makedirs(path) -> None:
   os.makedirs(os.path.expanduser(os.fspath(path)), exist_ok=True)
 
 
+@io_boundary(idempotent=True)
 def listdir(path) -> list[str]:
   """Names in directory ``path`` (sorted); [] if it does not exist."""
   p = Path(path)
@@ -148,6 +207,7 @@ def listdir(path) -> list[str]:
   return sorted(child.name for child in p.iterdir())
 
 
+@io_boundary(idempotent=True)
 def glob(path, pattern: str) -> list[str]:
   """Paths below ``path`` matching ``pattern`` (sorted strings)."""
   p = Path(path)
@@ -156,6 +216,7 @@ def glob(path, pattern: str) -> list[str]:
   return sorted(os.fspath(child) for child in p.glob(pattern))
 
 
+@io_boundary(idempotent=True)
 def files_under(path) -> list[str]:
   """Every file below directory ``path``, recursively (sorted paths)."""
   path = os.fspath(path)
@@ -166,6 +227,7 @@ def files_under(path) -> list[str]:
                 for name in names)
 
 
+@io_boundary
 def open(path, mode: str = "r", **kwargs) -> IO:  # pylint: disable=redefined-builtin
   """``open`` for local paths and URLs (URLs: modes r, w, rb, wb)."""
   if is_url(path):
@@ -174,14 +236,17 @@ def open(path, mode: str = "r", **kwargs) -> IO:  # pylint: disable=redefined-bu
   return builtins.open(os.path.expanduser(os.fspath(path)), mode, **kwargs)
 
 
+@io_boundary(idempotent=True)
 def read_bytes(path) -> bytes:
   return Path(path).read_bytes()
 
 
+@io_boundary(idempotent=True)
 def read_text(path) -> str:
   return Path(path).read_text(encoding="utf-8")
 
 
+@io_boundary(idempotent=True)
 def write_bytes(path, data: bytes) -> None:
   """Writes ``data`` to ``path`` (not atomically on a local disk: see write_atomic)."""
   if not is_url(path):
@@ -193,6 +258,7 @@ def write_text(path, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
+@io_boundary(idempotent=True)
 def write_atomic(path, data: bytes | str) -> None:
   """Writes ``data`` so that a crash leaves the old content or the new one, never a part.
 
@@ -219,11 +285,13 @@ def write_atomic(path, data: bytes | str) -> None:
     raise
 
 
+@io_boundary(idempotent=True)
 def copy(src, dst) -> None:
   """Copies file ``src`` to ``dst`` (either may be a URL)."""
   write_atomic(dst, read_bytes(src))
 
 
+@io_boundary
 def remove(path, missing_ok: bool = True) -> None:
   try:
     Path(path).unlink()
@@ -232,6 +300,7 @@ def remove(path, missing_ok: bool = True) -> None:
       raise
 
 
+@io_boundary
 def rmtree(path) -> None:
   p = Path(path)
   if p.exists():
@@ -249,6 +318,10 @@ class _LocalCopy:
     self.path, self._tmp = os.fspath(path), None
 
   def __enter__(self) -> str:
+    return io_boundary(self._enter)(self.path)
+
+  def _enter(self, path) -> str:
+    del path
     if not is_url(self.path):
       return os.path.expanduser(self.path)
     fd, self._tmp = tempfile.mkstemp(suffix="-" + basename(self.path))
@@ -275,12 +348,25 @@ def _configure() -> None:
   """Turns off gcsfs's listing cache (processes of a run share a bucket and must see each
   other's writes: a cached listing once made a reader restore a checkpoint step that the
   writing process had already deleted) and, against an emulator, its probe for zonal and
-  hierarchical buckets (which needs real credentials and only logs a warning there)."""
+  hierarchical buckets (which needs real credentials and only logs a warning there).
+
+  It also bounds each request (see :data:`REQUEST_TIMEOUT`): gcsfs sets no timeout of its
+  own, so a store that accepts a connection and never answers held a run for aiohttp's
+  default of 5 minutes per attempt, 6 attempts."""
   if os.environ.get("STORAGE_EMULATOR_HOST"):
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
   import fsspec  # pylint: disable=import-outside-toplevel
+  try:
+    import aiohttp  # pylint: disable=import-outside-toplevel
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=REQUEST_TIMEOUT[0],
+                                    sock_read=REQUEST_TIMEOUT[1])
+  except ImportError:   # no gcsfs either: _gcs() says so
+    timeout = None
   for name in ("gs", "gcs"):
-    fsspec.config.conf.setdefault(name, {})["use_listings_cache"] = False
+    conf = fsspec.config.conf.setdefault(name, {})
+    conf["use_listings_cache"] = False
+    if timeout is not None:
+      conf.setdefault("requests_timeout", timeout)
 
 
 def _gcs():
@@ -293,6 +379,7 @@ def _gcs():
     raise ConfigError(f"gs:// paths need gcsfs ({e}); pip install gcsfs") from None
 
 
+@io_boundary(idempotent=True)
 def stat(path) -> tuple[float, int | None]:
   """(modification time in seconds since the epoch, GCS generation or None locally);
   FileNotFoundError if absent."""
@@ -301,9 +388,10 @@ def stat(path) -> tuple[float, int | None]:
   fs = _gcs()
   fs.invalidate_cache(_key(path))
   info = fs.info(_key(path))
-  return info["mtime"].timestamp(), int(info["generation"])
+  return info["mtime"].timestamp(), _generation(info, path)
 
 
+@io_boundary(idempotent=True)
 def read_with_generation(path) -> tuple[bytes, float, int | None]:
   """(content, modification time, generation): one consistent version of ``path``."""
   if not is_url(path):
@@ -320,6 +408,7 @@ def read_with_generation(path) -> tuple[bytes, float, int | None]:
   return data, mtime, generation
 
 
+@io_boundary
 def create_exclusive(path, data: bytes) -> int | None:
   """Creates ``path`` holding ``data`` only if it does not exist; returns the new object's
   generation (None locally).  FileExistsError if it exists.
@@ -336,6 +425,7 @@ def create_exclusive(path, data: bytes) -> int | None:
   return _upload(path, data, 0)
 
 
+@io_boundary
 def replace_if_generation(path, data: bytes, generation: int) -> int:
   """Overwrites the object ``path`` only if its generation is still ``generation``
   (compare-and-swap); returns the new generation.  FileExistsError if it changed,
@@ -343,6 +433,7 @@ def replace_if_generation(path, data: bytes, generation: int) -> int:
   return _upload(path, data, generation)
 
 
+@io_boundary
 def remove_if_generation(path, generation: int) -> None:
   """Deletes the object ``path`` only if its generation is ``generation``; FileExistsError if
   it changed meanwhile, FileNotFoundError if it is gone.  ``gs://`` only."""
@@ -363,7 +454,19 @@ def _upload(path, data: bytes, if_generation: int) -> int:
                   json_out=True)
   finally:
     fs.invalidate_cache(_key(path))
-  return int(out["generation"])
+  return _generation(out, path)
+
+
+@io_boundary
+def _generation(metadata, path) -> int:
+  """The ``generation`` of an object's metadata as the store answered it; a missing or
+  malformed one is a storage failure, not a bug."""
+  try:
+    return int(metadata["generation"])
+  except (KeyError, TypeError, ValueError):
+    value = metadata.get("generation") if isinstance(metadata, dict) else None
+    raise StorageError(f"the object store answered without a valid generation for {path} "
+                       f"({value!r})") from None
 
 
 def honours_preconditions(path) -> bool:

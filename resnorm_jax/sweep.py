@@ -57,7 +57,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from resnorm_jax import errors, experiments, storage, sweep_stats
-from resnorm_jax.errors import ConfigError, EXIT_USAGE, EXIT_PREEMPTED
+from resnorm_jax.errors import ConfigError, EXIT_USAGE, EXIT_PREEMPTED, EXIT_STORAGE, StorageError
 OVERRIDE_PREFIX = "--config."
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_SCRIPT = os.path.join(PACKAGE_ROOT, "launch", "slurm.sbatch")
@@ -874,6 +874,9 @@ def main(argv: list[str]) -> int:
   except (UsageError, ConfigError) as e:
     print(f"resnorm-sweep: error: {e}", file=sys.stderr)
     return EXIT_USAGE
+  except StorageError as e:   # reading the sweep's workdir (a failing store)
+    print(f"resnorm-sweep: error: {e}", file=sys.stderr)
+    return EXIT_STORAGE
   if fv.dry_run:
     for variant in variants:
       c = configs[(variant, seeds[0])]
@@ -908,7 +911,8 @@ def main(argv: list[str]) -> int:
 
 
 def run():
-  sys.exit(main(sys.argv))
+  from resnorm_jax.train import exit_promptly  # pylint: disable=import-outside-toplevel
+  exit_promptly(lambda: sys.exit(main(sys.argv)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ With no ``--config`` it runs ``configs/quickstart.py``.  A workdir that holds ch
 resumes from the newest one.  Exit codes (``resnorm_jax/errors.py``): 0 done, 1 non-finite
 loss (the last good checkpoint is kept), 2 invalid flags, config, data or workdir (nothing
 written), 3 another process of a multi-process run died, 4 the workdir is locked by another
-run, 5 storage failure (disk full, read-only; the last complete checkpoint is kept), 70
+run, 5 storage failure (disk full, read-only, a failing store; the last complete checkpoint
+is kept), 70
 internal error, 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (rerun the
 same command to resume).
 
@@ -163,6 +164,8 @@ def main(argv):
     workdir_lib.check_workdir(workdir, parent_must_exist=explicit)
   except ConfigError as e:
     fail(str(e))
+  except errors.StorageError as e:   # the store failed while it was checked
+    fail(f"{workdir}: {e}", EXIT_STORAGE)
   from resnorm_jax import parallelism  # imports jax: after flags are valid
   try:
     parallelism.initialize_distributed(
@@ -228,7 +231,20 @@ def run_command(prog: str, define, main_fn, flags_parser) -> None:
     define()
   except Exception as e:  # pylint: disable=broad-except
     fail(describe_error(e))
-  app.run(main_fn, flags_parser=flags_parser)
+  exit_promptly(lambda: app.run(main_fn, flags_parser=flags_parser))
+
+
+def exit_promptly(fn) -> None:
+  """``fn()``; if it ends with exit code 5 (a storage failure, already reported in one line),
+  the process ends at once (:func:`errors.exit_now`): the threads of the storage clients
+  that still retry against the failed store (gcsfs, orbax's async save, the lock's
+  heartbeat) would otherwise keep it alive for minutes and print their tracebacks."""
+  try:
+    fn()
+  except SystemExit as e:
+    if e.code == EXIT_STORAGE:
+      errors.exit_now(EXIT_STORAGE)
+    raise
 
 
 def run():

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from resnorm_jax import checkpointing, config as config_lib, cpu_workarounds
+from resnorm_jax import checkpointing, config as config_lib, cpu_workarounds, errors
 from resnorm_jax import layer_stats as layer_stats_lib, parallelism, storage, tasks
 from resnorm_jax import workdir as workdir_lib
 from resnorm_jax.errors import (ConfigError, NonFiniteLossError, StorageError,
@@ -322,20 +322,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_lib.validate(config, jax.device_count())
     mesh = parallelism.make_mesh(config.parallel.num_devices)
     task = build_task(config, mesh)                       # a data error writes nothing
+    store_failed = False
     try:
       _acquire(lock, workdir)
       return _run(config, workdir, task, guard, t0)
-    except (ConfigError, NonFiniteLossError, WorkdirLockedError, StorageError):
+    except (ConfigError, NonFiniteLossError, WorkdirLockedError):
       raise
     except Exception as e:  # pylint: disable=broad-except  (classified, else re-raised)
       failure = storage_error(e, workdir)
       if failure is None:
         raise
-      raise StorageError(f"{workdir}: {failure}; the last complete checkpoint is kept: "
-                         "free space or fix the storage, then rerun the same command to "
-                         "resume") from e
+      store_failed = True
+      errors.within(errors.CLEANUP_SECONDS, lock.release)   # the store may be down
+      raise _storage_failure(workdir, failure) from e
     finally:
-      lock.release()
+      if not store_failed:
+        lock.release()
+
+
+def _storage_failure(workdir: str, failure: StorageError) -> StorageError:
+  """The one line of a storage failure: the workdir, the cause, what is kept and what to do
+  (unchanged if the message already says it, like the free-space check's)."""
+  text = str(failure)
+  if text.startswith(str(workdir)):
+    return failure
+  return StorageError(f"{workdir}: {text}; the last complete checkpoint is kept: fix the "
+                      "storage (space, permissions, connectivity), then rerun the same "
+                      "command to resume")
+
+
+def _close_after_failure(error: BaseException, workdir: str, *closers) -> None:
+  """Runs ``closers`` in order while ``error`` propagates.  After a storage failure each
+  gets at most :data:`errors.CLEANUP_SECONDS` (they talk to the store that failed; a
+  pending asynchronous save or a metrics upload would retry for minutes), and their errors
+  are dropped (the failure is reported); after any other error they run in full
+  (:func:`_close_all`)."""
+  if isinstance(error, Exception) and storage_error(error, workdir) is not None:
+    for close in closers:
+      errors.within(errors.CLEANUP_SECONDS, close)
+  else:
+    _close_all(*closers)
+
+
+def _close_all(*closers) -> None:
+  """Runs every one of ``closers`` in order, also when one raises (the first error
+  propagates)."""
+  if closers:
+    try:
+      closers[0]()
+    finally:
+      _close_all(*closers[1:])
 
 
 def _acquire(lock: workdir_lib.WorkdirLock, workdir: str) -> None:
@@ -345,9 +381,7 @@ def _acquire(lock: workdir_lib.WorkdirLock, workdir: str) -> None:
     try:
       storage.makedirs(workdir)
       lock.acquire()
-    except WorkdirLockedError as e:
-      error = e
-    except OSError as e:
+    except (WorkdirLockedError, StorageError, OSError) as e:
       error = e
   if parallelism.any_process(error is not None):
     if error is None:
@@ -396,8 +430,8 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
                                     fingerprint=checkpointing.config_fingerprint(config_dict))
   try:
     restored = ckpt.restore(abstract)
-  except BaseException:
-    ckpt.close()
+  except BaseException as e:
+    _close_after_failure(e, workdir, ckpt.close)
     raise
   if restored is None:
     state = init_state(task)
@@ -491,12 +525,10 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
     if not stopped and config.checkpoint.average_last:
       average = _evaluate_average(config, workdir, task, ckpt, writer, progress)
     writer.sync()
-  finally:
-    try:
-      ckpt.close()
-    finally:
-      progress.close()
-      writer.close()
+  except BaseException as e:
+    _close_after_failure(e, workdir, ckpt.close, progress.close, writer.close)
+    raise
+  _close_all(ckpt.close, progress.close, writer.close)
 
   return {
       "status": status,

@@ -520,3 +520,349 @@ def test_a_store_that_fails_during_the_run_is_one_line_exit_5(tmp_path):
   lines = [l for l in err.splitlines() if l.startswith("resnorm-train: error:")]
   assert len(lines) == 1 and "gs://failing/run" in lines[0], err[-3000:]
   assert "the object store failed" in lines[0] and "Traceback" not in err, err[-3000:]
+
+
+# ----------------------------------------------------------------------------------------
+# Storage failures of every exception class: classified at the I/O boundaries.
+# ----------------------------------------------------------------------------------------
+def test_storage_failures_of_any_class_are_classified_and_bugs_are_not():
+  import gcsfs.retry
+  tensorstore_error = ValueError(
+      'UNAVAILABLE: Error writing "ocdbt.process_0/manifest.ocdbt" in OCDBT database at '
+      'gcs bucket "b": HTTP response code: 503 [source locations=\'x.cc:1\']')
+  failing = [tensorstore_error,
+             ValueError("DATA_LOSS: Error reading manifest: Malformed StorageGeneration"),
+             gcsfs.retry.HttpError({"code": 429, "message": "slow down"}),
+             OSError("Forbidden: b/o/x"), FileNotFoundError("b/bkt/o/run%2Fcheckpoints"),
+             TimeoutError("read timed out"), ConnectionResetError(104, "reset by peer")]
+  for error in failing:
+    failure = errors.storage_error(error, "gs://b/run")
+    assert failure is not None and "gs://b/run" in str(failure), error
+    assert len(str(failure).splitlines()) == 1 and "source locations" not in str(failure)
+  wrapped = RuntimeError("orbax: save failed")
+  wrapped.__cause__ = tensorstore_error
+  assert errors.storage_error(wrapped, "w") is not None
+  for bug in (ValueError("operands could not be broadcast"), TypeError("bad"), KeyError("x"),
+              RuntimeError("Timeout waiting for key")):
+    assert errors.storage_error(bug, "w") is None, bug
+  # The store did not answer (no fallback to older checkpoints), or the data is damaged.
+  assert errors.store_unavailable(tensorstore_error)
+  assert errors.store_unavailable(gcsfs.retry.HttpError({"code": 503, "message": "x"}))
+  assert not errors.store_unavailable(ValueError("DATA_LOSS: Error reading manifest"))
+  assert not errors.store_unavailable(FileNotFoundError("gone"))
+
+
+def test_the_path_layer_turns_storage_failures_into_one_line_and_passes_the_rest(tmp_path):
+  @storage.io_boundary
+  def fails_with(path, error):
+    raise error
+  with pytest.raises(errors.StorageError, match=f"{tmp_path}.*TimeoutError"):
+    fails_with(str(tmp_path), TimeoutError("the store did not answer"))
+  for passed in (FileNotFoundError("x"), FileExistsError("x"), ConfigError("x"),
+                 TypeError("a bug"), ValueError("a bug")):
+    with pytest.raises(type(passed)):
+      fails_with(str(tmp_path), passed)
+  # A real one: a directory where a file is written is the storage refusing, not a bug.
+  (tmp_path / "d").mkdir()
+  with pytest.raises(errors.StorageError):
+    storage.write_atomic(str(tmp_path / "d"), b"x")
+
+
+def test_restoring_from_a_bucket_prefix_without_objects_starts_over(gdir):
+  with checkpointing.Checkpointer(storage.join(gdir, "checkpoints"), keep=2,
+                                  every_steps=1) as ckpt:
+    assert ckpt.all_steps() == [] and ckpt.restore(_tree(0)) is None
+    # gcsfs lists a prefix whose objects are gone (a partial step orbax has just removed)
+    # as FileNotFoundError: nothing to resume, not a crash.
+    def listing_fails(*args, **kwargs):
+      raise FileNotFoundError("b/bkt/o/run%2Fcheckpoints")
+    for method in ("reload", "all_steps"):
+      setattr(ckpt._manager, method, listing_fails)
+    try:
+      assert ckpt.all_steps() == [] and ckpt.restore(_tree(0)) is None
+    finally:
+      for method in ("reload", "all_steps"):
+        delattr(ckpt._manager, method)
+
+
+# ----------------------------------------------------------------------------------------
+# A store that misbehaves: tests/fault_proxy.py between the commands and the emulator.
+# ----------------------------------------------------------------------------------------
+def test_a_corrupted_response_is_a_storage_failure_and_retried_by_the_path_layer():
+  # gcsfs parses a corrupted answer with json.loads and does not retry the ValueError: it is
+  # recognised by the storage client's frame in its traceback.
+  client = {}
+  exec(compile("import json\ndef parse(body):\n  return json.loads(body)\n",
+               os.path.join(os.sep, "site-packages", "gcsfs", "core.py"), "exec"), client)
+  with pytest.raises(ValueError) as raised:
+    client["parse"]("\x1e\x7f{corrupt")
+  assert errors.malformed_response(raised.value)
+  assert "malformed response" in str(errors.storage_error(raised.value, "gs://x"))
+  assert not errors.malformed_response(ValueError("a bug"))
+  # The path layer retries its idempotent operations on it, a bounded number of times.
+  calls = []
+
+  @storage.io_boundary(idempotent=True)
+  def upload(path, failures):
+    calls.append(path)
+    if len(calls) <= failures:
+      client["parse"]("{corrupt")
+  upload("gs://b/o", 1)
+  assert len(calls) == 2
+  calls.clear()
+  with pytest.raises(errors.StorageError, match="malformed response"):
+    upload("gs://b/o", 10)
+  assert len(calls) == storage.MALFORMED_RETRIES + 1
+  # Metadata without a valid generation is the store's fault too.
+  with pytest.raises(errors.StorageError, match="without a valid generation"):
+    storage._generation({"generation": "not-a-number"}, "gs://b/o")
+
+
+# The README's bound: the process is gone this soon after its one-line storage error.
+EXIT_AFTER_ERROR_LINE_SECONDS = 5.0
+FAULT_FLAGS = ["--config.train.steps=20", "--config.checkpoint.every_steps=10"]
+
+
+def _checkpoint_metadata(workdir: str, step: int) -> str:
+  """The request pattern of the first upload of checkpoint ``step``'s metadata (by orbax,
+  through gcsfs): the save has begun, its arrays are not written yet."""
+  return f"name={storage._key(workdir).split('/', 1)[1]}/checkpoints/{step}/_CHECKPOINT_METADATA"
+
+
+@pytest.fixture
+def proxy(gcs):
+  """A FaultProxy in front of the session's emulator; the environment of commands sent
+  through it is ``proxy.env``."""
+  from fault_proxy import FaultProxy
+  port = int(os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1])
+  server = FaultProxy(port)
+  server.env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1",
+                    **emulator_env(server.port))
+  yield server
+  server.close()
+
+
+class _Run:
+  """A ``resnorm-train`` command (a subprocess) whose stderr lines are timed."""
+
+  def __init__(self, env, workdir, *flags, tiny=True):
+    import threading
+    self.t0 = time.monotonic()
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "resnorm_jax.train", f"--workdir={workdir}",
+         *(CLI_TINY if tiny else []), *flags], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    self.lines: list[tuple[float, str]] = []
+    self.out = ""
+    self._readers = [threading.Thread(target=self._read_err, daemon=True),
+                     threading.Thread(target=self._read_out, daemon=True)]
+    for reader in self._readers:
+      reader.start()
+
+  def _read_err(self):
+    for line in self.proc.stderr:
+      self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+  def _read_out(self):
+    self.out = self.proc.stdout.read()
+
+  def wait(self, timeout=600) -> int:
+    self.proc.wait(timeout=timeout)
+    self.ended = time.monotonic()
+    for reader in self._readers:
+      reader.join(timeout=10)
+    return self.proc.returncode
+
+  @property
+  def err(self) -> str:
+    return "\n".join(line for _, line in self.lines)
+
+  def check_one_line_storage_error(self, workdir: str) -> str:
+    """Exit 5 with one error line naming ``workdir``, nothing after it, no traceback, and
+    the process gone within EXIT_AFTER_ERROR_LINE_SECONDS of the line; the line."""
+    assert self.proc.returncode == errors.EXIT_STORAGE, self.err[-3000:]
+    errs = [(t, l) for t, l in self.lines if l.startswith("resnorm-train: error:")]
+    assert len(errs) == 1 and workdir in errs[0][1], self.err[-3000:]
+    assert "Traceback" not in self.err and self.lines[-1][1] == errs[0][1], self.err[-3000:]
+    assert self.ended - errs[0][0] < EXIT_AFTER_ERROR_LINE_SECONDS, self.ended - errs[0][0]
+    return errs[0][1]
+
+
+def _assert_same_final_state(reference, workdir, steps=20):
+  step_a, a = read_state(reference)
+  step_b, b = read_state(workdir)
+  assert step_a == step_b == steps
+  chex.assert_trees_all_equal(a, b)
+
+
+def test_a_store_down_during_a_save_is_exit_5_at_once_and_the_rerun_ends_exact(
+    tmp_path, gdir, proxy):
+  """The store goes down (503 to everything) once the first checkpoint's save has begun,
+  for longer than the retry budget: one line, exit 5, the process gone at once; no
+  checkpoint is complete, so the rerun starts over and ends bitwise where a run without
+  faults ends."""
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  proxy.add(Fault("status", code=503, arm=_checkpoint_metadata(gdir, 10)))
+  run = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  run.wait()
+  line = run.check_one_line_storage_error(gdir)
+  assert "503" in line and "rerun" in line
+  assert proxy.faulted()
+  assert not storage.exists(storage.join(gdir, "checkpoints", "10", "commit_success.txt"))
+  proxy.clear()                                         # the store is back
+  rerun = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert rerun.wait() == 0, rerun.err[-3000:]
+  assert "resumed from" not in rerun.out
+  assert not storage.exists(storage.join(gdir, LOCK))
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+
+
+@pytest.mark.slow
+def test_a_burst_of_503s_during_a_save_is_retried_and_the_run_ends_exact(tmp_path, gdir,
+                                                                        proxy):
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  proxy.add(Fault("status", code=503, count=5, arm=_checkpoint_metadata(gdir, 10)))
+  proxy.add(Fault("status", code=429, count=2, arm=_checkpoint_metadata(gdir, 20)))
+  proxy.add(Fault("reset", count=2, match="^POST ", arm=_checkpoint_metadata(gdir, 20)))
+  run = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert run.wait() == 0, run.err[-3000:]
+  assert len(proxy.faulted()) == 9 and "Traceback" not in run.err
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+
+
+@pytest.mark.slow
+def test_a_store_down_during_the_second_save_resumes_from_the_first(tmp_path, gdir, proxy):
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  proxy.add(Fault("reset", arm=_checkpoint_metadata(gdir, 20)))   # refused from then on
+  run = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  run.wait()
+  run.check_one_line_storage_error(gdir)
+  proxy.clear()
+  rerun = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert rerun.wait() == 0, rerun.err[-3000:]
+  assert "resumed from step 10" in rerun.out
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+
+
+@pytest.mark.slow
+def test_faults_while_restoring_at_start(tmp_path, gdir, proxy):
+  """Checkpoint reads at start: a burst of 503s is retried and the run resumes exactly; a
+  store that stays down is exit 5 in one line (not a fallback to older steps, not a
+  'no checkpoint could be restored' exit 2)."""
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  first = _Run(proxy.env, gdir, "--config.train.steps=10",
+               "--config.checkpoint.every_steps=10")
+  assert first.wait() == 0, first.err[-3000:]
+  step_10 = r"^GET .*checkpoints(/|%2F)10(/|%2F)"    # reads of the step, not the listing
+  proxy.add(Fault("status", code=503, match=step_10))
+  down = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  down.wait()
+  assert "checkpoints" in down.check_one_line_storage_error(gdir)
+  proxy.clear()
+  proxy.add(Fault("status", code=503, count=4, match=step_10))
+  rerun = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert rerun.wait() == 0, rerun.err[-3000:]
+  assert "resumed from step 10" in rerun.out and len(proxy.faulted()) >= 4
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+
+
+@pytest.mark.slow
+def test_faults_during_the_metrics_upload(tmp_path, gdir, proxy):
+  """Resets and 503s on metrics.jsonl uploads are retried (the file is complete); an
+  outage of the metrics uploads alone is exit 5 in one line naming the workdir."""
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  proxy.add(Fault("reset", count=2, match="metrics.jsonl"))
+  proxy.add(Fault("status", code=503, count=2, match="metrics.jsonl"))
+  proxy.add(Fault("corrupt", count=1, match="metrics.jsonl"))
+  proxy.add(Fault("delay", delay=3.0, count=1, match="metrics.jsonl"))
+  run = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert run.wait() == 0, run.err[-3000:]
+  assert len(proxy.faulted()) == 6
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+  assert ({(r["step"], r["split"]): r["loss"] for r in read_metrics(gdir)}
+          == {(r["step"], r["split"]): r["loss"] for r in read_metrics(str(tmp_path / "ref"))})
+  other = gdir + "-down"
+  proxy.clear()
+  proxy.add(Fault("status", code=503, match="metrics.jsonl"))
+  down = _Run(proxy.env, other, *FAULT_FLAGS)
+  down.wait()
+  assert "metrics.jsonl" in down.check_one_line_storage_error(other)
+
+
+@pytest.mark.slow
+def test_faults_of_the_lock_heartbeat_only_warn(tmp_path, gdir, proxy):
+  """The store refuses every heartbeat of the lock (its rewrites at the generation last
+  written; creating it uses ifGenerationMatch=0): the run goes on (a heartbeat that gcsfs
+  gives up on is a one-line warning), ends exact and releases the lock."""
+  from fault_proxy import Fault
+  flags = ["--config.train.steps=300", "--config.checkpoint.every_steps=100"]
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *flags)
+  proxy.add(Fault("status", code=503, match=r"\.resnorm\.lock&ifGenerationMatch=[1-9]"))
+  run = _Run(proxy.env, gdir, *flags)
+  assert run.wait() == 0, run.err[-3000:]
+  assert proxy.faulted() and "Traceback" not in run.err
+  assert not storage.exists(storage.join(gdir, LOCK))
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir, steps=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["no_generation", "bad_generation"])
+def test_downloads_without_a_valid_generation_header(tmp_path, gdir, proxy, kind):
+  """Downloads whose x-goog-generation header is missing (gcp-storage-emulator without
+  tests/gcs_emulator.py's wrapper) or not a number: TensorStore cannot update its OCDBT
+  manifests.  The run either copes or stops with one line (exit 5, not a crash), and the
+  rerun against a sound store ends exact."""
+  from fault_proxy import Fault
+  reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
+  proxy.add(Fault(kind, match="alt=media"))
+  run = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  if run.wait() != 0:
+    run.check_one_line_storage_error(gdir)
+  assert proxy.faulted()
+  proxy.clear()
+  rerun = _Run(proxy.env, gdir, *FAULT_FLAGS)
+  assert rerun.wait() == 0, rerun.err[-3000:]
+  assert reference.wait() == 0, reference.err[-3000:]
+  _assert_same_final_state(tmp_path / "ref", gdir)
+
+
+@pytest.mark.slow
+def test_faults_while_preparing_the_token_cache_of_a_translation_run(gdir, proxy):
+  """IWSLT'15 files in the bucket, the token cache written there at start: a store that
+  refuses the cache's objects is exit 5 in one line; once it works the rerun trains."""
+  from fault_proxy import Fault
+  for split, count in (("train", 120), ("tst2013", 8)):
+    for lang in ("en", "vi"):
+      storage.write_text(storage.join(gdir, "data", f"{split}.{lang}"), "".join(
+          " ".join(f"{lang}{(i * 7 + j) % 11}" for j in range(1 + i % 5)) + "\n"
+          for i in range(count)))
+  flags = ["--config.model.name=transformer", "--config.model.preset=tiny",
+           "--config.model.vocab_size=48", "--config.model.max_len=32",
+           "--config.model.dropout_rate=0.0", "--config.data.name=iwslt15_envi",
+           f"--config.data.data_dir={storage.join(gdir, 'data')}",
+           "--config.translation.max_length=16", "--config.translation.max_tokens=256",
+           "--config.translation.beam_size=2", "--config.train.optimizer=adam",
+           "--config.train.steps=2", "--config.train.log_every_steps=1",
+           "--config.eval.every_steps=0", "--config.eval.batch_size=16",
+           "--config.checkpoint.every_steps=2", "--config.parallel.num_devices=1"]
+  run_dir = storage.join(gdir, "run")
+  proxy.add(Fault("status", code=503, match="tokens"))
+  down = _Run(proxy.env, run_dir, *flags, tiny=False)
+  down.wait()
+  down.check_one_line_storage_error(run_dir)
+  assert proxy.faulted()
+  proxy.clear()
+  rerun = _Run(proxy.env, run_dir, *flags, tiny=False)
+  assert rerun.wait() == 0, rerun.err[-3000:]
+  assert storage.exists(storage.join(run_dir, "checkpoints", "2", "commit_success.txt"))

@@ -23,7 +23,7 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnorm_jax import storage
+from resnorm_jax import errors, storage
 from resnorm_jax.errors import EXIT_USAGE, ConfigError
 from resnorm_jax.train import PACKAGE_ROOT, describe_error, run_command, run_guarded
 
@@ -135,6 +135,8 @@ def main(argv):
     workdir_lib.check_workdir(workdir, parent_must_exist=explicit)
   except ConfigError as e:
     fail(str(e))
+  except errors.StorageError as e:   # the store failed while it was checked
+    fail(f"{workdir}: {e}", errors.EXIT_STORAGE)
   storage.makedirs(workdir)
 
   def analyze():

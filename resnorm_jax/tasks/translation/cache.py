@@ -49,7 +49,8 @@ from typing import Callable, Iterator
 import numpy as np
 from etils import epath
 
-from resnorm_jax.errors import ConfigError
+from resnorm_jax import storage
+from resnorm_jax.errors import EXIT_STORAGE, ConfigError, StorageError
 from resnorm_jax.tasks.translation import corpora
 
 FORMAT = 1
@@ -391,6 +392,7 @@ def _verify(tokens: epath.Path, manifest: dict, checksums: bool) -> str | None:
   return None
 
 
+@storage.io_boundary   # a failing store: one line, exit 5
 def prepare(directory: str, config, *, progress: bool = True, log=print) -> dict:
   """Makes ``<directory>/spm.model`` and ``<directory>/tokens`` valid for ``config``'s
   corpus (training, checking or rebuilding what is there); returns the manifest."""
@@ -485,6 +487,7 @@ class TokenSplit:
     return out
 
 
+@storage.io_boundary   # a failing store: one line, exit 5
 def open_split(directory: str, split: str, manifest: dict) -> TokenSplit:
   tokens = epath.Path(directory) / TOKENS_DIR
   entry = manifest["splits"][split]
@@ -510,6 +513,7 @@ def cache_directory(config, workdir: str) -> str:
   return os.path.join(os.path.expanduser(t.cache_dir), name)
 
 
+@storage.io_boundary   # a failing store: one line, exit 5
 def load_manifest(directory: str) -> dict:
   path = epath.Path(directory) / TOKENS_DIR / MANIFEST
   manifest = _read_json(path) if path.exists() else None
@@ -535,6 +539,7 @@ def check_corpus_present(config) -> None:
       corpora.read_tfds_translation(config.data.data_dir, corpora.WMT_NAME, "en", "de")
 
 
+@storage.io_boundary   # a failing store: one line, exit 5
 def load_sentencepiece(directory: str, vocab_size: int):
   import sentencepiece as spm
   path = epath.Path(directory) / "spm.model"
@@ -578,6 +583,9 @@ def run(argv=None):
     except ConfigError as e:
       print(f"resnorm-prepare: error: {e}", file=sys.stderr)
       sys.exit(2)
+    except StorageError as e:
+      print(f"resnorm-prepare: error: {e}", file=sys.stderr)
+      sys.exit(EXIT_STORAGE)
     print(f"{directory}: " + ", ".join(
         f"{s} {e['pairs']:,} pairs ({e['tokens']['src']:,} + {e['tokens']['tgt']:,} tokens)"
         for s, e in manifest["splits"].items()))
