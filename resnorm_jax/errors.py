@@ -130,6 +130,10 @@ def _chain(error: BaseException | None):
 
 def _is_store_library_error(error: BaseException) -> bool:
   module = type(error).__module__ or ""
+  if module.split(".")[0] in ("jax", "jaxlib"):
+    # JAX's runtime errors carry an absl status too ("UNKNOWN: Gloo AllGather failed ...":
+    # a peer process died during a collective inside orbax): not the store's.
+    return False
   return (type(error).__name__ in _STORE_ERRORS
           or any(module == m or module.startswith(m + ".") for m in _STORE_MODULES)
           or bool(_TENSORSTORE_STATUS.match(str(error).lstrip())))

@@ -596,3 +596,14 @@ def test_closed_event_loop_reports_are_dropped_and_others_kept():
   assert "Event loop is closed" not in done.stderr and "ValueError: kept" in done.stderr
   assert "never retrieved" not in done.stderr and "No space" not in done.stderr
   assert "another asyncio error is kept" in done.stderr
+
+
+def test_a_collective_that_lost_its_peer_is_not_a_storage_failure():
+  """JAX's runtime errors carry an absl status like TensorStore's ("UNKNOWN: ..."); a peer
+  that died during an all-gather inside orbax is exit 3's case, not a storage failure."""
+  lost_peer = jax.errors.JaxRuntimeError(
+      "UNKNOWN: Gloo AllGather failed: Connection closed by peer [127.0.0.1]:17041")
+  assert errors.storage_error(lost_peer, "w") is None
+  store = ValueError("UNAVAILABLE: Error writing \"x\" in OCDBT database: HTTP response "
+                     "code: 503")
+  assert "object store failed while accessing w" in str(errors.storage_error(store, "w"))
