@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from helpers import assert_trees_close_to_rounding
 from resnorm_jax import cpu_workarounds
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -117,7 +118,7 @@ _needs_verified_jaxlib = pytest.mark.skipif(
 
 
 def test_compiler_options_are_gated_on_platform_version_and_config():
-  from test_training import tiny_config
+  from helpers import tiny_config
   assert cpu_workarounds.compiler_options("gpu") == {}
   assert cpu_workarounds.compiler_options("tpu") == {}
   assert cpu_workarounds.compiler_options("cpu", version="0.11.1") == {}
@@ -137,17 +138,12 @@ def test_resnet_gradients_on_xla_convolutions_equal_the_library_path():
   """The same ResNet gradient compiled both ways: YNNPACK convolutions (jaxlib's default)
   and XLA's own (``compiler_options``), equal within float32 rounding.
 
-  Tolerance, per parameter leaf, norm-wise (``|g_a - g_b| / |g_b|``): the two kernels sum
-  the same products in another order.  A float32 sum of n terms in a different order
-  differs by about sqrt(n) * 2^-24 = sqrt(n) * 6e-8 relative; the largest sums here are the
-  weight gradients, n = N*H*W = 8*16*16 = 2048 (sqrt: 45), so 2.7e-6 per convolution.  The
-  error of each of the L = 8 layers on the backward path adds to what flows into it (8 *
-  2.7e-6 = 2.2e-5), and BatchNorm's backward subtracts per-channel means of the gradient
-  (x̂·mean(x̂·g) and mean(g)), which can cancel up to an order of magnitude of the leading
-  digits: 2.2e-4.  A real difference (a wrong padding, stride or layout) is O(1).
+  The two kernels sum the same products in another order: equal to float32 rounding
+  (helpers.assert_trees_close_to_rounding), with n the longest sum, a weight gradient's
+  N*H*W = 8*16*16 products.  A real difference (a wrong padding, stride or layout) is O(1).
   """
   from resnorm_jax import models
-  from test_training import tiny_config
+  from helpers import tiny_config
   config = tiny_config(**{"model.width": 16})
   model = models.build_model(config, models.norm_context(config),
                              models.DataInfo(10, (16, 16, 3)))
@@ -169,12 +165,8 @@ def test_resnet_gradients_on_xla_convolutions_equal_the_library_path():
          for name, f in (("library", library), ("ours", ours))}
   assert cpu_workarounds.library_convolutions(hlo["library"]) > 0    # the paths differ
   assert cpu_workarounds.library_convolutions(hlo["ours"]) == 0
-  g_lib, g_ours = library(variables["params"]), ours(variables["params"])
-  errors = jax.tree_util.tree_map(
-      lambda a, b: float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30)),
-      g_ours, g_lib)
-  worst = max(jax.tree_util.tree_leaves(errors))
-  assert worst < 2.2e-4, errors
+  assert_trees_close_to_rounding(ours(variables["params"]), library(variables["params"]),
+                                 8 * 16 * 16, "gradients ")
 
 
 @_needs_verified_jaxlib
@@ -183,7 +175,7 @@ def test_train_and_eval_steps_run_no_convolution_through_the_library():
   ``train.cpu_workarounds=False`` they carry none and follow the process's XLA_FLAGS, which
   in this suite hold the same setting: that case is the gating test above.)"""
   from resnorm_jax import parallelism, training
-  from test_training import tiny_config
+  from helpers import tiny_config
   config = tiny_config(**{"parallel.num_devices": 1})
   task = training.build_task(config, parallelism.make_mesh(1))
   task.setup(workdir="")
