@@ -24,7 +24,6 @@ e.g. a resume with other training settings) or of another parameter tree.
 
 from __future__ import annotations
 
-import json
 import sys
 
 from absl import flags
@@ -33,24 +32,6 @@ from resnorm_jax import config as config_lib, storage
 from resnorm_jax.errors import ConfigError
 
 _FLAGS = {}
-
-
-def load_workdir_config(workdir: str):
-  """The run's config from ``<workdir>/config.json``, over the schema's defaults."""
-  from resnorm_jax import checkpointing
-  path = storage.join(workdir, checkpointing.CONFIG_FILE)
-  if not storage.exists(path):
-    raise ConfigError(f"{path} not found: --workdir must be a training run's workdir")
-  saved = json.loads(storage.read_text(path))
-  config = config_lib.base_config()
-  flat = {}
-  for section, values in saved.items():
-    if section in config and isinstance(values, dict):
-      for key, value in values.items():
-        if key in config[section]:
-          flat[f"{section}.{key}"] = tuple(value) if isinstance(value, list) else value
-  config.update_from_flattened_dict(flat)
-  return config
 
 
 def average_interval(config) -> int:
@@ -138,7 +119,7 @@ def average_workdir(workdir: str, last: int) -> dict:
   """:func:`evaluate_average` of the run in ``workdir`` (the command's work)."""
   import jax
   from resnorm_jax import checkpointing, parallelism, training
-  config = load_workdir_config(workdir)
+  config = checkpointing.load_config_json(workdir)
   if last < 1:
     raise ConfigError(f"--last={last} must be a positive integer")
   config_lib.validate(config, jax.device_count())
@@ -183,9 +164,10 @@ def main(argv):
     train_cli.fail("--workdir is required: the training run's workdir")
 
   def work():
+    from resnorm_jax import checkpointing
     last = _FLAGS["last"].value
     if last is None:
-      last = load_workdir_config(workdir).checkpoint.average_last or 5
+      last = checkpointing.load_config_json(workdir).checkpoint.average_last or 5
     return average_workdir(workdir, last)
   result = train_cli.run_guarded(work, workdir)
   print(describe(result), file=sys.stdout)

@@ -49,6 +49,7 @@ import threading
 from typing import Any, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -529,6 +530,24 @@ def save_config_json(workdir: str, config_dict: Any) -> str:
   text = json.dumps(_plain(config_dict), indent=2, sort_keys=True, default=_json_default)
   workdir_lib.write_atomic(path, (text + "\n").encode())
   return path
+
+
+def load_config_json(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config from ``<workdir>/config.json``, over the schema's defaults (keys the
+  schema no longer has are ignored); ConfigError if there is none."""
+  path = storage.join(workdir, CONFIG_FILE)
+  if not storage.exists(path):
+    raise ConfigError(f"{path} not found: --workdir must be a training run's workdir")
+  saved = json.loads(storage.read_text(path))
+  config = config_lib.base_config()
+  flat = {}
+  for section, values in saved.items():
+    if section in config and isinstance(values, dict):
+      for key, value in values.items():
+        if key in config[section]:
+          flat[f"{section}.{key}"] = tuple(value) if isinstance(value, list) else value
+  config.update_from_flattened_dict(flat)
+  return config
 
 
 def check_config_compatible(workdir: str, config_dict: Any) -> None:
