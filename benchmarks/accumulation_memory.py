@@ -25,6 +25,7 @@ import common  # noqa: E402,F401  (benchmarks/ is not a package; puts the repo o
 import jax  # noqa: E402
 
 from resnorm_jax import config as config_lib, parallelism, training  # noqa: E402
+from resnorm_jax import validation
 
 MIB = 2 ** 20
 
@@ -36,7 +37,7 @@ def step_memory(depth: int, width: int, batch: int, k: int, norm: str) -> dict:
   c.data.synthetic_train_size, c.data.synthetic_test_size = batch, 8
   c.train.batch_size, c.train.accumulate_steps = batch, k
   c.parallel.num_devices = 1
-  config_lib.validate(c, jax.device_count())
+  validation.validate(c, jax.device_count())
   task = training.build_task(c, parallelism.make_mesh(1))
   task.setup(workdir="")
   step = training.make_train_step(task)
@@ -57,7 +58,7 @@ def transformer_step_memory(preset: str, vocab: int, max_tokens: int, length: in
   c.train.optimizer, c.train.accumulate_steps = "adam", k
   c.translation.max_tokens, c.translation.max_length = max_tokens, length
   c.parallel.num_devices = 1
-  config_lib.validate(c, jax.device_count())
+  validation.validate(c, jax.device_count())
   task = training.build_task(c, parallelism.make_mesh(1))
   rows = corpora.rows_for(length, max_tokens, k)
   sharding = parallelism.batch_sharded(task.mesh)

@@ -76,6 +76,7 @@ def measure(depth: int, mode: str, *, batch: int = 128, data: str = "synthetic",
   import jax
   from configs import cifar_resnet
   from resnorm_jax import config as config_lib, cpu_workarounds, data as data_lib, parallelism
+  from resnorm_jax import validation
   from resnorm_jax import training
 
   if mode not in MODES:
@@ -89,7 +90,7 @@ def measure(depth: int, mode: str, *, batch: int = 128, data: str = "synthetic",
   config.data.synthetic_train_size = max(config.data.synthetic_train_size, batch)
   config.train.batch_size = batch
   config.parallel.num_devices = 1
-  config_lib.validate(config, jax.device_count())
+  validation.validate(config, jax.device_count())
   if mode == "scanned-slowconv":  # the step as it was before the layout rewrite
     conv_layout_fn = cpu_workarounds.canonicalize_convs
     cpu_workarounds.canonicalize_convs = lambda fn: fn

@@ -56,6 +56,7 @@ def _per_call(fn, repeats, warmup=2):
 def image_rows(args) -> list[dict]:
   from configs import cifar_resnet
   from resnorm_jax import config as config_lib, data as data_lib, parallelism, training
+  from resnorm_jax import validation
 
   config = cifar_resnet.get_config()
   config.model.depth = args.depth
@@ -65,7 +66,7 @@ def image_rows(args) -> list[dict]:
   config.data.synthetic_test_size = 16
   config.train.batch_size = args.batch
   config.parallel.num_devices = 1
-  config_lib.validate(config, jax.device_count())
+  validation.validate(config, jax.device_count())
   dataset = data_lib.load_dataset(config)
   mesh = parallelism.make_mesh(1)
   replicated, sharded = parallelism.replicated(mesh), parallelism.batch_sharded(mesh)
@@ -130,12 +131,13 @@ def _word_ids(sentences: list[str], vocab: dict) -> list[np.ndarray]:
 def translation_rows(args) -> list[dict]:
   from configs import toy_translation
   from resnorm_jax import config as config_lib, parallelism, training
+  from resnorm_jax import validation
   from resnorm_jax.tasks.translation import corpora
 
   config = toy_translation.get_config()
   config.translation.toy_train_size = args.pairs
   config.parallel.num_devices = 1
-  config_lib.validate(config, jax.device_count())
+  validation.validate(config, jax.device_count())
   corpus = corpora.load_corpus(config)
   vocab: dict = {}
   sources, targets = _word_ids(corpus.train[0], vocab), _word_ids(corpus.train[1], vocab)

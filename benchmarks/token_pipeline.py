@@ -71,6 +71,7 @@ def flops_per_step(rows: int, src_len: int, tgt_len: int) -> float:
 def measure(args, packed: bool, step_tps: float) -> dict:
   from configs import iwslt15_envi_transformer
   from resnorm_jax import config as config_lib, parallelism
+  from resnorm_jax import validation
   from resnorm_jax.tasks.translation.task import Translation
   c = iwslt15_envi_transformer.get_config()
   c.model.preset = "tiny"           # the model is not run here; only its vocabulary matters
@@ -80,7 +81,7 @@ def measure(args, packed: bool, step_tps: float) -> dict:
   c.translation.max_length = args.max_length
   c.translation.packing = packed
   c.parallel.num_devices = 1
-  config_lib.validate(c, jax.device_count())
+  validation.validate(c, jax.device_count())
   job = Translation(c, parallelism.make_mesh(1))
   t0 = time.perf_counter()
   job.setup(args.workdir)

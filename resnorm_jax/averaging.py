@@ -29,6 +29,7 @@ import sys
 from absl import flags
 
 from resnorm_jax import config as config_lib, storage
+from resnorm_jax import validation
 from resnorm_jax.errors import ConfigError
 
 _FLAGS = {}
@@ -122,7 +123,7 @@ def average_workdir(workdir: str, last: int) -> dict:
   config = checkpointing.load_config_json(workdir)
   if last < 1:
     raise ConfigError(f"--last={last} must be a positive integer")
-  config_lib.validate(config, jax.device_count())
+  validation.validate(config, jax.device_count())
   mesh = parallelism.make_mesh(config.parallel.num_devices)
   # Steps are selected and checked before the task is set up (set-up may write caches).
   ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), keep=10 ** 9,

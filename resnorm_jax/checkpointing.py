@@ -599,7 +599,7 @@ def _family_keys(saved: Any, current: Any) -> tuple[str, ...] | None:
   name = _lookup(current, "model.name")
   if name is _MISSING or name != _lookup(saved, "model.name") or name not in models.MODELS:
     return None
-  return models.MODELS.entry(name)[0].meta.get("config_keys") or None
+  return models.MODELS.entry(name)[0].info.config_keys or None
 
 
 def archive_config_json(workdir: str) -> str:

@@ -17,15 +17,16 @@ from resnorm_jax.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True, eq=False)   # one object per name: hashed by identity
 class Entry:
-  """A registered variant: its constructor, documentation, argument parser and metadata
-  (facts about the variant that validation and the engine read, e.g. a norm's
-  ``batch_stats``, a model's ``task``)."""
+  """A registered variant: its constructor, documentation, argument parser and ``info``,
+  the typed facts about it that validation and the engine read (an instance of the
+  registry's ``info_type``: e.g. :class:`resnorm_jax.layers.norms.NormInfo`,
+  :class:`resnorm_jax.models.ModelFamily`, :class:`resnorm_jax.tasks.TaskInfo`)."""
   name: str
   build: Callable[..., Any]
   doc: str
   arg_doc: str | None = None  # e.g. "G: number of groups (default 32)"
   parse_arg: Callable[[str | None], Any] | None = None   # None: the raw ':' string
-  meta: dict = dataclasses.field(default_factory=dict)
+  info: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +41,8 @@ class Spec:
     return self.entry.name
 
   @property
-  def meta(self) -> dict:
-    return self.entry.meta
+  def info(self) -> Any:
+    return self.entry.info
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -55,19 +56,25 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 class Registry:
   """Maps variant names to constructors ``build(arg: str | None, **context)``."""
 
-  def __init__(self, kind: str):
+  def __init__(self, kind: str, info_type: type | None = None):
     self.kind = kind
+    self.info_type = info_type
     self._entries: dict[str, Entry] = {}
 
   def register(self, name: str, doc: str, arg_doc: str | None = None, *,
-               parse=None, **meta):
+               parse=None, info=None):
     """Decorator registering ``build(arg, **context)``; ``parse(arg_text | None)`` turns
     the ``:arg`` text into the value ``build`` and :meth:`parse` callers receive (raise
-    ConfigError for a bad one); ``meta``: facts about the entry (:attr:`Entry.meta`)."""
+    ConfigError for a bad one); ``info``: the entry's facts, an instance of the registry's
+    ``info_type`` (:attr:`Entry.info`)."""
+    if self.info_type is not None and not isinstance(info, self.info_type):
+      raise TypeError(f"{self.kind} {name!r}: info must be a {self.info_type.__name__}, got "
+                      f"{type(info).__name__}")
+
     def decorator(build):
       if name in self._entries:
         raise ValueError(f"{self.kind} {name!r} is registered twice")
-      self._entries[name] = Entry(name, build, doc, arg_doc, parse, dict(meta))
+      self._entries[name] = Entry(name, build, doc, arg_doc, parse, info)
       return build
     return decorator
 
@@ -86,6 +93,10 @@ class Registry:
 
   def __iter__(self) -> Iterator[Entry]:
     return iter(self._entries.values())
+
+  def info(self, spec: str):
+    """The :attr:`Entry.info` of ``spec``'s entry (ConfigError listing the valid names)."""
+    return self.entry(spec)[0].info
 
   def entry(self, spec: str) -> tuple[Entry, str | None]:
     name, arg = split_spec(spec)

@@ -99,7 +99,7 @@ def summary_inputs(config):
   data = tasks.task_class(config).static_data(config)
   model = models.build_model(config, models.norm_context(config), data)
   return (model, models.example_inputs(config, data), {"train": False},
-          models.family(config).meta["extra_flops"](config, model))
+          models.family(config).extra_flops(config, model))
 
 
 def summarize_config(config) -> str:
@@ -114,7 +114,7 @@ def summarize_config(config) -> str:
   rows, params, flops = model_summary(model, inputs, init_kwargs=kwargs, apply_kwargs=kwargs,
                                       extra_flops=extra)
   m = cfg.model
-  keys = models.family(cfg).meta["title_keys"]
+  keys = models.family(cfg).title_keys
   shapes = " x ".join(str(tuple(x.shape[1:])) for x in inputs)
   title = (f"{m.name} " + " ".join(f"{k}={m[k]}" for k in keys if m[k] is not None)
            + f" (FLOPs per example of shape {shapes})")
@@ -129,7 +129,8 @@ def main(argv):
   config = train_cli._FLAGS["config"].value
   try:
     from resnorm_jax import config as config_lib
-    config_lib.validate_model(config)
+    from resnorm_jax import validation
+    validation.validate_model(config)
     print(summarize_config(config))
   except config_lib.ConfigError as e:
     print(f"resnorm-summary: error: {e}", file=sys.stderr)

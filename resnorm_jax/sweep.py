@@ -242,22 +242,17 @@ def train_command(config_path: str, variant: str, seed: int, run_dir: str,
 # ----------------------------------------------------------------------------------------
 # The metric of a config: test error % (images) or BLEU (translation).
 # ----------------------------------------------------------------------------------------
-MEASURE_LABELS = {"bleu_tokenized": "test BLEU (tokenized)"}
-
-
 def metric_of(config) -> dict[str, Any]:
-  """{"key", "label", "higher_is_better", "published"} of the config's task (its
-  registry entry's ``headline``: the evaluation metric the paper tables report), measured
-  as ``published.measure`` names (e.g. translation's ``bleu_tokenized``), so the table puts
-  our number in the paper's measure beside the paper's."""
-  from resnorm_jax import models, tasks
-  key, label, higher = tasks.headline(models.family(config).meta["task"])
-  measure = config.published.get("measure", "") or key
-  if measure == "bleu_tokenized":
-    label = {"t2t_compound": "test BLEU (tokenized, compound-split)"}.get(
-        config.translation.tokenized_bleu, MEASURE_LABELS[measure])
-  return {"key": measure, "label": label, "higher_is_better": higher,
-          "published": config.published[key]}
+  """{"key", "label", "higher_is_better", "scale", "published"} of the number the config's
+  results table shows: the task's headline metric (the number papers report), or the
+  measure ``published.measure`` names (e.g. translation's ``bleu_tokenized``), so the table
+  puts our number in the paper's measure beside the paper's; ``published`` is None when no
+  number is published."""
+  from resnorm_jax import tasks
+  metric = tasks.measure(config)
+  headline = tasks.task_info(config).headline
+  return {"key": metric.key, "label": metric.label, "higher_is_better": metric.higher_is_better,
+          "scale": metric.scale, "published": config.published.get(headline.key)}
 
 
 def metric_value(eval_metrics: dict | None, key: str) -> float | None:
@@ -665,7 +660,7 @@ def sweep(config_path: str, plan: list[dict], workdir: str, overrides: list[str]
 def describe_model(c) -> str:
   """The model settings a variant changes, for the --dry_run plan."""
   from resnorm_jax import models
-  keys = models.family(c).meta["title_keys"]
+  keys = models.family(c).title_keys
   return f"model={c.model.name} " + " ".join(
       f"{k}={c.model[k]:g}" if isinstance(c.model[k], float) else f"{k}={c.model[k]}"
       for k in keys if c.model[k] is not None)
@@ -800,11 +795,12 @@ def task_argv(tasks_path: str, index: int | None) -> list[str]:
 
 def _resolve_all(config_path, variants, seeds, overrides, num_devices) -> dict:
   from resnorm_jax import config as config_lib
+  from resnorm_jax import validation
   configs = {}
   for variant in variants:
     try:
       config = resolve_config(config_path, variant, overrides, seeds[0])
-      config_lib.validate(config, num_devices)
+      validation.validate(config, num_devices)
       for seed in seeds:
         configs[(variant, seed)] = copy.deepcopy(config)
         configs[(variant, seed)].train.seed = seed
@@ -849,7 +845,9 @@ def main(argv: list[str]) -> int:
     order = variants_of(module, config_path)
     baselines = baselines_of(module, config_path, fv.baseline)
     from resnorm_jax import config as config_lib  # imports jax: after the flags are valid
-    config_lib.validate_workdir(fv.workdir)
+    from resnorm_jax import validation
+    from resnorm_jax import workdir as workdir_lib
+    workdir_lib.check_not_url(fv.workdir, "--workdir")
     if fv.workdir:
       check_sweep_dir(fv.workdir, config_path)
     if fv.workdir and not (fv.print_commands or fv.dry_run):

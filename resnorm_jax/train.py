@@ -128,16 +128,8 @@ def print_summary(summary: dict) -> None:
       f"resnorm-train: {summary['status']} at step {summary['step']}"
       + (f" (resumed from step {summary['start_step']})" if summary["start_step"] else ""),
   ]
-  if ev and "bleu" in ev:
-    lines.append(f"  test BLEU      {ev['bleu']:.2f}   ({int(ev['sentences'])} sentences, "
-                 f"sacreBLEU {ev.get('bleu_signature', '')}; translations in "
-                 f"{storage.join(summary['workdir'], 'translations')})")
-    if "bleu_tokenized" in ev:
-      lines.append(f"  tokenized BLEU {ev['bleu_tokenized']:.2f}   (multi-bleu.perl, "
-                   f"translation.tokenized_bleu)")
-  elif ev:
-    lines.append(f"  test accuracy  {ev['accuracy']:.4f}   (error {100 * ev['error']:.2f}%, "
-                 f"loss {ev['loss']:.4f})")
+  if ev:
+    lines += summary["eval_lines"]
   lines += [
       f"  time           {summary['total_seconds']:.1f} s total, "
       f"{summary['train_seconds']:.1f} s in training steps",

@@ -23,6 +23,7 @@ import optax
 from jax import lax
 
 from resnorm_jax import checkpointing, config as config_lib, cpu_workarounds, errors
+from resnorm_jax import validation
 from resnorm_jax import layer_stats as layer_stats_lib, parallelism, storage, tasks
 from resnorm_jax import workdir as workdir_lib
 from resnorm_jax.errors import (ConfigError, NonFiniteLossError, StorageError,
@@ -319,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with checkpointing.PreemptionGuard(sigint=True, on_abort=lock.release) as guard, \
       quiet_storage_logs():
     workdir_lib.check_workdir(workdir, parent_must_exist=False)   # URL, file, read-only
-    config_lib.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())
     mesh = parallelism.make_mesh(config.parallel.num_devices)
     task = build_task(config, mesh)                       # a data error writes nothing
     store_failed = False
@@ -403,6 +404,14 @@ def _evaluate_average(config, workdir, task, ckpt, writer, progress) -> dict | N
     return None
   progress.write(averaging.describe(result))
   return result
+
+
+def _eval_lines(config, ev: dict, workdir: str) -> list[str]:
+  """The task's lines for the final evaluation (:attr:`resnorm_jax.tasks.TaskInfo.summary_lines`)."""
+  if not ev:
+    return []
+  info = tasks.task_info(config)
+  return info.summary_lines(info, ev, workdir)
 
 
 def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
@@ -535,6 +544,7 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
       "step": step,
       "start_step": start_step,
       "eval": last_eval,
+      "eval_lines": _eval_lines(config, last_eval, workdir),   # the task's closing lines
       "average": average,   # checkpoint.average_last: the averaged checkpoints' evaluation
       "skipped_steps": int(parallelism.to_host(state.skipped_steps)),
       "train_seconds": train_time,

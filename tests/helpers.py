@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from resnorm_jax import config as config_lib, parallelism, storage, training
+from resnorm_jax import validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,7 +128,7 @@ def run_steps_with_stats(config, steps=3, stats_at=(), initial=None):
   """Like :func:`run_steps`, with the layer-statistics variant of the step at the step
   numbers in ``stats_at``, from the host state ``initial`` if given (initialising is the
   slowest part of a tiny run); returns (host state, {step: host metrics["layer_stats"]})."""
-  config_lib.validate(config, jax.device_count())
+  validation.validate(config, jax.device_count())
   task = training.build_task(config, parallelism.make_mesh(config.parallel.num_devices))
   task.setup(workdir="")
   state = (training.init_state(task) if initial is None

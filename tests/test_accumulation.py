@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from resnorm_jax import config as config_lib, parallelism, training
+from resnorm_jax import validation
 from resnorm_jax.errors import ConfigError
 
 from helpers import assert_trees_close_to_rounding, reordering_tolerance, tiny_config
@@ -30,7 +31,7 @@ def one_step(config, inputs_from=None, workdir=""):
   """(host state after one step, host metrics) of ``config`` on 8 CPU devices;
   ``inputs_from``: another config's task supplies the global batch (translation: rows are
   a multiple of replicas x k)."""
-  config_lib.validate(config, jax.device_count())
+  validation.validate(config, jax.device_count())
   mesh = parallelism.make_mesh(config.parallel.num_devices)
   task = training.build_task(config, mesh)
   task.setup(workdir=workdir)
@@ -89,16 +90,16 @@ def test_accumulate_steps_must_divide_each_devices_share():
   with pytest.raises(ConfigError, match=r"train.accumulate_steps=3 must divide each "
                      r"device's share of the batch, train.batch_size=64 / 8 devices = 8; "
                      r"e.g. use 2"):
-    config_lib.validate(image_config(**{"train.accumulate_steps": 3}), 8)
+    validation.validate(image_config(**{"train.accumulate_steps": 3}), 8)
   with pytest.raises(ConfigError, match="must be a positive integer"):
-    config_lib.validate(image_config(**{"train.accumulate_steps": 0}), 8)
+    validation.validate(image_config(**{"train.accumulate_steps": 0}), 8)
   assert config_lib.resume_class("train.accumulate_steps") == config_lib.TRAJECTORY
   from test_translation import tiny_config as translation_config
   with pytest.raises(ConfigError, match=r"train.accumulate_steps=4 must divide each device's "
                      r"share of the batch, but translation.max_tokens=256 gives rows of "
                      r"translation.max_length=16 tokens fewer than 8 replicas x 4 rows; use "
                      r"max_tokens >= 512 or a smaller k"):
-    config_lib.validate(translation_config(**{"parallel.num_devices": 8,
+    validation.validate(translation_config(**{"parallel.num_devices": 8,
                                               "train.accumulate_steps": 4}), 8)
 
 
@@ -118,7 +119,7 @@ def test_packed_translation_microbatches_divide_by_the_global_token_count(tmp_pa
   """With packing, microbatches hold different numbers of real tokens; the loss of each is
   divided by the global batch's N, so the sum is the one-batch loss and gradient."""
   config = _translation_config(tmp_path, mode, 4)
-  config_lib.validate(config, 8)
+  validation.validate(config, 8)
   task = training.build_task(config, parallelism.make_mesh(8))
   task.setup(str(tmp_path))
   rows = task.inputs(0)["tgt"].shape[0]

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from resnorm_jax import config as config_lib, sweep
+from resnorm_jax import validation
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.experiments import load_config_module
 from resnorm_jax.tasks.translation import bleu
@@ -89,4 +90,4 @@ def test_scores_and_the_sweep_table_use_the_published_measure():
   c.translation.tokenized_bleu = "none"
   with pytest.raises(ConfigError, match="published.measure='bleu_tokenized' needs "
                      "translation.tokenized_bleu"):
-    config_lib.validate(c, 8)
+    validation.validate(c, 8)

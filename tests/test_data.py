@@ -247,4 +247,4 @@ def test_invalid_data_source_is_a_config_error():
   config = config_lib.base_config()
   config.data.source = "gcs"
   with pytest.raises(ConfigError, match="data.source='gcs' is not valid; valid choices: auto"):
-    data_lib.validate_data_config(config)
+    config_lib.check_keys(config)

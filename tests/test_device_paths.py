@@ -73,11 +73,12 @@ def test_auto_guard_per_platform():
 
 def test_config_rejects_an_unknown_guard():
   from resnorm_jax import config as config_lib
+  from resnorm_jax import validation
   from resnorm_jax.errors import ConfigError
   c = config_lib.base_config()
   c.train.nonfinite_guard = "select"
   with pytest.raises(ConfigError, match="train.nonfinite_guard"):
-    config_lib.validate(c, jax.device_count())
+    validation.validate(c, jax.device_count())
 
 
 # ----------------------------------------------------------------------------------------

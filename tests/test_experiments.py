@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from resnorm_jax import config as config_lib, experiments, models
+from resnorm_jax import validation
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.models.resnet import resolve_block
 from helpers import REPO
@@ -55,7 +56,7 @@ def test_variant_lists():
 @pytest.mark.parametrize("name,variant", _all_variants())
 def test_every_variant_validates_and_builds_its_model(name, variant):
   config = _module(name).get_config(variant)
-  config_lib.validate(config, jax.device_count())
+  validation.validate(config, jax.device_count())
   depth, unit, shortcut, skip, lam, data = _expected_model(name, variant)
   model = models.build_model(config, models.norm_context(config), models.DataInfo(
       100 if data == "cifar100" else 10, (32, 32, 3)))

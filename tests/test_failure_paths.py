@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from resnorm_jax import config as config_lib, data as data_lib, errors, experiments
+from resnorm_jax import validation
 from resnorm_jax import training, workdir as workdir_lib
 from resnorm_jax.errors import ConfigError, WorkdirLockedError
 from resnorm_jax.metrics import MetricWriter, read_metrics
@@ -391,7 +392,7 @@ def test_every_numeric_key_refuses_nonfinite_and_negative_values(name):
       else:
         config[section][rest] = bad
       try:
-        config_lib.validate(config, 8)
+        validation.validate(config, 8)
         accepted.append((key, bad))
       except ConfigError as e:
         assert "\n" not in str(e)
@@ -414,7 +415,7 @@ def test_out_of_range_values_are_config_errors(override, message):
   if field == "eps":
     config.train.optimizer = "adam"
   with pytest.raises(ConfigError) as info:
-    config_lib.validate(config, 8)
+    validation.validate(config, 8)
   assert message in str(info.value)
 
 

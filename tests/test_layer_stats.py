@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from resnorm_jax import (config as config_lib, data as data_lib, layer_stats, models, optim,
+from resnorm_jax import validation
                          parallelism, training)
 from resnorm_jax.tasks.translation import corpora
 from resnorm_jax.analysis import plots, stats as stats_lib
@@ -228,7 +229,7 @@ def test_config_rejects_bad_layer_stats_every_steps(value):
   config.train.layer_stats_every_steps = value
   with pytest.raises(ConfigError, match=r"^train\.layer_stats_every_steps=.* must be a "
                      "non-negative integer: 0 \\(off\\)"):
-    config_lib.validate(config, 8)
+    validation.validate(config, 8)
 
 
 def test_transformer_unit_moments_count_real_tokens_only():

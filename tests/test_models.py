@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from resnorm_jax import config as config_lib, summary
+from resnorm_jax import validation
 from resnorm_jax.layers import NORMS, UNIT_ORDERINGS, NormContext
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.models.resnet import CifarResNet, resolve_block
@@ -154,7 +155,7 @@ def test_group_norm_that_does_not_divide_a_stage_is_rejected_before_compiling():
   config = config_lib.base_config()
   config.model.norm = "group:32"
   with pytest.raises(ConfigError, match=r"G=32 does not divide the \[16\] channels"):
-    config_lib.validate(config, 1)
+    validation.validate(config, 1)
 
 
 def transformer_config(**model):
@@ -167,7 +168,7 @@ def transformer_config(**model):
 
 def test_transformer_is_one_config_value_away_and_summarized():
   config = transformer_config(preset="tiny", vocab_size=100, summary_length=8)
-  config_lib.validate_model(config)
+  validation.validate_model(config)
   text = summary.summarize_config(config)
   assert "transformer preset=tiny" in text and "encoder" in text and "decoder" in text
   model, inputs, kwargs, extra = summary.summary_inputs(config)
@@ -185,9 +186,9 @@ def test_transformer_is_one_config_value_away_and_summarized():
 ])
 def test_transformer_config_errors(model, message):
   with pytest.raises(ConfigError, match=message):
-    config_lib.validate_model(transformer_config(**model))
+    validation.validate_model(transformer_config(**model))
 
 
 def test_training_a_transformer_without_translation_data_is_a_clear_error():
   with pytest.raises(ConfigError, match="trains on translation data"):
-    config_lib.validate(transformer_config(), 1)
+    validation.validate(transformer_config(), 1)

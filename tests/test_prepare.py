@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from resnorm_jax import config as config_lib, parallelism, training
+from resnorm_jax import validation
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.models.transformer import (Transformer, shift_right, shift_right_segments,
                                             transformer_preset)
@@ -292,7 +293,7 @@ def test_packing_in_the_train_step_fills_rows(tmp_path):
   for packed in (False, True):
     config = tiny_config(**{"translation.packing": packed, "parallel.num_devices": 2,
                             "translation.max_tokens": 512})
-    config_lib.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())
     task = training.build_task(config, parallelism.make_mesh(2))
     task.setup(str(tmp_path / str(packed)))
     with fast_compile_options():
@@ -311,7 +312,7 @@ def test_new_config_keys_are_validated():
   for key, value, message in (("translation.spm_sample_sentences", 0, "integer >= 2"),
                               ("translation.spm_sample_seed", -1, r"\[0, 2\^32\)")):
     with pytest.raises(ConfigError, match=message):
-      config_lib.validate(tiny_config(**{key: value}), 1)
+      validation.validate(tiny_config(**{key: value}), 1)
 
 
 def test_resnorm_prepare_command_prepares_the_toy_corpus_and_refuses_bad_input(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from resnorm_jax import config as config_lib, models, tasks, training
+from resnorm_jax import validation
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.layers import NORMS, make_norm
 
@@ -31,7 +32,7 @@ class TwoLayerPerceptron(nn.Module):
 def _validate(config):
   if config.model.width < 2:
     raise ConfigError(f"model.width={config.model.width} must be >= 2 for test_mlp")
-  if not NORMS.parse(config.model.norm).meta["sequences"]:
+  if not NORMS.parse(config.model.norm).info.sequences:
     raise ConfigError(f"model.norm={config.model.norm!r} needs spatial axes")
 
 
@@ -58,9 +59,9 @@ def mlp_config(**overrides):
 def test_a_model_family_registered_in_a_test_file_trains_and_resumes(mlp_family, tmp_path):
   assert tasks.task_class(mlp_config()).__name__ == "ImageClassification"
   with pytest.raises(ConfigError, match="model.width=1 must be >= 2 for test_mlp"):
-    config_lib.validate(mlp_config(**{"model.width": 1}), jax.device_count())
+    validation.validate(mlp_config(**{"model.width": 1}), jax.device_count())
   with pytest.raises(ConfigError, match="trains on image_classification data"):
-    config_lib.validate(mlp_config(**{"data.name": "toy_translation"}), jax.device_count())
+    validation.validate(mlp_config(**{"data.name": "toy_translation"}), jax.device_count())
 
   run = str(tmp_path / "run")
   first = training.train_and_evaluate(mlp_config(), run)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from resnorm_jax import config as config_lib, parallelism, training
+from resnorm_jax import validation
 from resnorm_jax.tasks.translation import corpora
 from resnorm_jax.errors import ConfigError
 from helpers import assert_states_close, assert_trees_close_to_rounding, reordering_tolerance
@@ -104,13 +105,13 @@ def test_missing_and_mismatched_files_are_clear_errors(tmp_path):
 
 def test_model_and_data_set_must_match():
   with pytest.raises(ConfigError, match="trains on translation data.*toy_translation"):
-    config_lib.validate(tiny_config(**{"data.name": "digits"}), 1)
+    validation.validate(tiny_config(**{"data.name": "digits"}), 1)
   c = config_lib.base_config()
   c.data.name = "toy_translation"
   with pytest.raises(ConfigError, match="trains on image_classification data"):
-    config_lib.validate(c, 1)
+    validation.validate(c, 1)
   with pytest.raises(ConfigError, match="translation.max_tokens=100 must be >= 8 replicas"):
-    config_lib.validate(tiny_config(**{"translation.max_tokens": 100,
+    validation.validate(tiny_config(**{"translation.max_tokens": 100,
                                        "parallel.num_devices": 8}), 8)
 
 
@@ -177,7 +178,7 @@ def run_translation_steps(tmp_path, mode, skip, steps=2, packing=False):
                           "model.skip": skip, "train.optimizer": "sgd", "train.momentum": 0.9,
                           "train.schedule": "constant", "train.learning_rate": 0.5,
                           "translation.packing": packing})
-  config_lib.validate(config, jax.device_count())
+  validation.validate(config, jax.device_count())
   task = training.build_task(config, parallelism.make_mesh(8))
   task.setup(str(tmp_path))
   state, train_step = training.init_state(task), training.make_train_step(task)
@@ -194,7 +195,7 @@ def test_dropout_in_jit_gives_the_same_gradients_on_1_and_8_devices(tmp_path):
     config = tiny_config(**{"parallel.num_devices": n, "model.dropout_rate": 0.3,
                             "train.optimizer": "sgd", "train.momentum": 0.9,
                             "train.schedule": "constant", "train.learning_rate": 0.5})
-    config_lib.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())
     task = training.build_task(config, parallelism.make_mesh(n))
     task.setup(str(tmp_path / str(n)))
     state, _ = training.make_train_step(task)(training.init_state(task), task.inputs(0))
@@ -252,7 +253,7 @@ def test_translation_configs_and_variants(variant, skip, lam):
     assert (c.checkpoint.average_last, c.published.measure) == (5, "bleu_tokenized")
     assert c.translation.tokenized_bleu == ("t2t_compound" if name.startswith("wmt")
                                             else "tokens")
-    config_lib.validate(c, 8)
+    validation.validate(c, 8)
     with pytest.raises(ConfigError, match="unknown variant 'rskip_lnx'"):
       module.get_config("rskip_lnx")
 

@@ -41,7 +41,15 @@ from jax import lax
 from resnorm_jax.registry import ConfigError, Registry, parse_number
 
 Array = jax.Array
-NORMS = Registry("norm")
+@dataclasses.dataclass(frozen=True)
+class NormInfo:
+  """What the model builders need to know of a norm: ``sequences`` -- it has a meaning on
+  token sequences (B, T, D), not only on images (``instance`` and ``switchable`` need
+  spatial axes of their own)."""
+  sequences: bool
+
+
+NORMS = Registry("norm", NormInfo)
 BN_SYNC_MODES = ("global", "local", "group:k")
 
 
@@ -408,12 +416,9 @@ _DEFAULT_CTX = NormContext()
 DEFAULT_GROUPS = 32   # GroupNorm's G when `group` has no argument (Wu & He 2018)
 
 
-# Entry metadata: ``batch_stats`` -- keeps running statistics (the ``batch_stats``
-# collection); ``sequences`` -- has a meaning on token sequences (B, T, D), not only on
-# images (``instance`` and ``switchable`` need spatial axes of their own).
 @NORMS.register("batch", "BatchNorm over (N,H,W) / real (B,T) tokens per channel; "
                 "replicas share statistics per `parallel.bn_sync` (global, local, group:k)",
-                batch_stats=True, sequences=True)
+                info=NormInfo(sequences=True))
 def _batch(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return BatchNorm(ctx=ctx, scale_init=scale_init, name=name)
 
@@ -426,7 +431,7 @@ def _register_per_sample(kind: str, doc: str):
     return arg == "c"
 
   @NORMS.register(kind, doc, arg_doc="`c` = over channels only, per pixel",
-                  parse=per_position, batch_stats=False, sequences=True)
+                  parse=per_position, info=NormInfo(sequences=True))
   def build(per_position, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
     return SampleNorm(kind, per_position=per_position, epsilon=ctx.epsilon,
                       scale_init=scale_init, name=name)
@@ -436,7 +441,7 @@ _register_per_sample("layer", "LayerNorm per sample over (H,W,C) of an image / D
 
 
 @NORMS.register("instance", "InstanceNorm per sample and channel over (H,W) / real tokens T",
-                batch_stats=False, sequences=False)
+                info=NormInfo(sequences=False))
 def _instance(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return SampleNorm("instance", epsilon=ctx.epsilon, scale_init=scale_init, name=name)
 
@@ -445,14 +450,14 @@ def _instance(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None)
                 arg_doc="G, the number of groups (default 32), must divide the channels",
                 parse=lambda arg: DEFAULT_GROUPS if arg is None else parse_number(
                     arg, "G", kind=int, minimum=1),
-                batch_stats=False, sequences=True)
+                info=NormInfo(sequences=True))
 def _group(groups, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return SampleNorm("group", groups=groups, epsilon=ctx.epsilon, scale_init=scale_init,
                     name=name)
 
 
 @NORMS.register("switchable", "Switchable Norm: learned softmax mix of IN, LN and BN "
-                "statistics (BN part synced like `batch`)", batch_stats=True, sequences=False)
+                "statistics (BN part synced like `batch`)", info=NormInfo(sequences=False))
 def _switchable(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return SwitchableNorm(ctx=ctx, scale_init=scale_init, name=name)
 
@@ -461,7 +466,7 @@ _register_per_sample("rms", "RMSNorm: x / sqrt(mean(x²) + ε) per sample, scale
                      "centring")
 
 
-@NORMS.register("none", "identity: no normalization", batch_stats=False, sequences=True)
+@NORMS.register("none", "identity: no normalization", info=NormInfo(sequences=True))
 def _none(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return Identity(name=name)
 
@@ -471,8 +476,3 @@ def make_norm(spec, ctx: NormContext = _DEFAULT_CTX, *,
   """Builds the norm named by ``spec`` (e.g. ``"batch"``, ``"group:32"``, or a
   :class:`resnorm_jax.registry.Spec` parsed once by the model)."""
   return NORMS.build(spec, ctx=ctx, scale_init=scale_init, name=name)
-
-
-def uses_batch_stats(spec: str) -> bool:
-  """Whether the norm keeps running statistics (the ``batch_stats`` collection)."""
-  return NORMS.parse(spec).meta["batch_stats"]

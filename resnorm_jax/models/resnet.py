@@ -17,9 +17,12 @@ import jax.numpy as jnp
 
 from resnorm_jax.layers import (NORMS, UNIT_ORDERINGS, Conv, ConvUnit, DepthInfo,
                                 NormContext, make_norm)
+from resnorm_jax import cpu_workarounds
+from resnorm_jax import config as config_lib
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.layers.residual import apply_op
 from resnorm_jax.layers.taps import TAPS, tap
+from resnorm_jax.models.family import ModelFamily, compute_dtype, register_model
 
 BLOCKS = ("auto", "basic", "bottleneck")
 BASIC_DEPTHS = (20, 32, 44, 56, 110, 1202)
@@ -170,26 +173,32 @@ def _image_inputs(config, data) -> tuple:
   return (jnp.zeros((1,) + tuple(data.input_shape), jnp.float32),)
 
 
-def _register():
-  from resnorm_jax import cpu_workarounds
-  from resnorm_jax.models import compute_dtype, register_model
-
-  @register_model("cifar_resnet", "CIFAR ResNet, depth 6n+2 (basic) or 9n+2 (bottleneck)",
-                  task="image_classification", example_inputs=_image_inputs,
-                  validate=validate_config,
-                  config_keys=("depth", "block", "width", "norm", "unit", "shortcut", "skip",
-                               "skip_lambda", "weight_standardization", "bn_momentum",
-                               "bn_epsilon", "dtype", "scan_stages", "remat"),
-                  title_keys=("depth", "unit", "shortcut", "norm", "skip", "skip_lambda"))
-  def build(arg, config, norm_ctx, data):
-    del arg
-    m = config.model
-    return CifarResNet(depth=m.depth, num_classes=data.num_classes, block=m.block,
-                       width=m.width, norm=m.norm, unit=m.unit, shortcut=m.shortcut,
-                       skip=m.skip, skip_lambda=m.skip_lambda,
-                       weight_standardization=m.weight_standardization, norm_ctx=norm_ctx,
-                       dtype=compute_dtype(config), scan_stages=m.scan_stages, remat=m.remat,
-                       materialize_stream_grad=cpu_workarounds.enabled(config))
+# The model.* keys the family adds to the schema, and the engine's model keys it reads.
+_C = config_lib
+SCHEMA = {
+    "depth": _C.Key(20, _C.TREE, _C.int_at_least(1), "6n+2 (basic) or 9n+2 (bottleneck)"),
+    "block": _C.Key("auto", _C.TREE, _C.one_of(*BLOCKS), "auto | basic | bottleneck"),
+    "width": _C.Key(16, _C.TREE, _C.POSITIVE_INT, "channels of the first stage"),
+    "unit": _C.Key("full_preact", _C.TREE, _C.name, "UNIT_ORDERINGS name"),
+    "shortcut": _C.Key("identity", _C.TREE, _C.name, "SHORTCUTS spec"),
+    "weight_standardization": _C.Key(False, _C.TRAJECTORY, _C.boolean),
+    "scan_stages": _C.Key(False, _C.TREE, _C.boolean,
+                          "one scanned body per stage (stacked params)"),
+}
+READS = ("norm", "skip", "skip_lambda", "bn_momentum", "bn_epsilon", "dtype", "remat")
 
 
-_register()
+@register_model("cifar_resnet", "CIFAR ResNet, depth 6n+2 (basic) or 9n+2 (bottleneck)",
+                ModelFamily(task="image_classification", example_inputs=_image_inputs,
+                            schema=SCHEMA, reads=READS, validate=validate_config,
+                            title_keys=("depth", "unit", "shortcut", "norm", "skip",
+                                        "skip_lambda")))
+def build(arg, config, norm_ctx, data):
+  del arg
+  m = config.model
+  return CifarResNet(depth=m.depth, num_classes=data.num_classes, block=m.block,
+                     width=m.width, norm=m.norm, unit=m.unit, shortcut=m.shortcut,
+                     skip=m.skip, skip_lambda=m.skip_lambda,
+                     weight_standardization=m.weight_standardization, norm_ctx=norm_ctx,
+                     dtype=compute_dtype(config), scan_stages=m.scan_stages, remat=m.remat,
+                     materialize_stream_grad=cpu_workarounds.enabled(config))

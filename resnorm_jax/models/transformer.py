@@ -54,7 +54,10 @@ from jax import lax
 
 from resnorm_jax.layers import (COMBINATORS, NORMS, DepthInfo, NormContext, SkipCombinator,
                                 make_combinator, make_norm)
+from resnorm_jax import config as config_lib
 from resnorm_jax.errors import ConfigError
+from resnorm_jax.models.family import (ModelFamily, compute_dtype, norm_context,
+                                       register_model)
 
 Array = jax.Array
 
@@ -765,7 +768,6 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------------
 def config_from(config, norm_ctx) -> TransformerConfig:
   """The :class:`TransformerConfig` of ``model.*``: the preset plus the overrides."""
-  from resnorm_jax.models import compute_dtype
   m = config.model
   extra = {} if m.get("dropout_rate") is None else {"dropout_rate": m.dropout_rate}
   return transformer_preset(m.preset, m.vocab_size, max_len=m.max_len, skip=m.skip, **extra,
@@ -774,20 +776,13 @@ def config_from(config, norm_ctx) -> TransformerConfig:
 
 
 def validate_model_section(config) -> None:
-  """Preset, vocabulary, a norm that has a meaning on token sequences, the dataclass's own
-  checks."""
-  from resnorm_jax.models import norm_context
+  """A norm that has a meaning on token sequences, and the dataclass's own checks."""
   m = config.model
-  if m.preset not in PRESETS:
-    raise ConfigError(f"model.preset={m.preset!r} is not valid; valid choices: "
-                      f"{', '.join(PRESETS)}")
-  if not NORMS.parse(m.norm).meta["sequences"]:
-    valid = [e.name for e in NORMS if e.meta["sequences"]]
+  if not NORMS.parse(m.norm).info.sequences:
+    valid = [e.name for e in NORMS if e.info.sequences]
     raise ConfigError(f"model.norm={m.norm!r} makes no sense in a Transformer (it needs "
                       f"spatial axes or mixes in such statistics); valid choices: "
                       f"{', '.join(valid)}")
-  if m.vocab_size < 4:
-    raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 4 (pad, bos, eos, ...)")
   config_from(config, norm_context(config))
 
 
@@ -808,20 +803,30 @@ def _extra_flops(config, model) -> int:
   return attention + (2 * n * d * cfg.vocab_size if cfg.tie_output else 0)
 
 
-def _register():
-  from resnorm_jax.models import register_model
+_C = config_lib
+# The model.* keys the family adds to the schema, and the engine's model keys it reads.
+SCHEMA = {
+    "preset": _C.Key("base", _C.TREE, _C.one_of(*PRESETS), "base | big | iwslt | tiny"),
+    "vocab_size": _C.Key(37_000, _C.TREE, _C.int_at_least(4, " (pad, bos, eos, unk, ...)"),
+                         "shared source/target subword vocabulary"),
+    "max_len": _C.Key(512, _C.TRAJECTORY, _C.POSITIVE_INT,
+                      "longest sequence (sinusoidal positions)"),
+    "summary_length": _C.Key(128, _C.NEUTRAL, _C.POSITIVE_INT,
+                             "tokens per side for resnorm-summary"),
+    "dropout_rate": _C.Key(None, _C.TRAJECTORY,
+                           _C.interval(0, 1, closed_high=False, optional=True),
+                           "None = the preset's", optional=float),
+}
+READS = ("norm", "skip", "skip_lambda", "bn_momentum", "bn_epsilon", "dtype")
 
-  @register_model("transformer", "encoder-decoder Transformer (Vaswani 2017), presets base, "
-                  "big, iwslt, tiny; every sublayer wrapped by `model.skip`",
-                  task="translation", example_inputs=_token_inputs,
-                  validate=validate_model_section, extra_flops=_extra_flops,
-                  config_keys=("preset", "vocab_size", "max_len", "summary_length",
-                               "dropout_rate", "norm", "skip", "skip_lambda", "bn_momentum",
-                               "bn_epsilon", "dtype"),
-                  title_keys=("preset", "vocab_size", "norm", "skip", "skip_lambda"))
-  def build(arg, config, norm_ctx, data):
-    del arg, data
-    return Transformer(config_from(config, norm_ctx))
 
-
-_register()
+@register_model("transformer", "encoder-decoder Transformer (Vaswani 2017), presets base, "
+                "big, iwslt, tiny; every sublayer wrapped by `model.skip`",
+                ModelFamily(task="translation", example_inputs=_token_inputs, schema=SCHEMA,
+                            reads=READS, validate=validate_model_section,
+                            extra_flops=_extra_flops,
+                            title_keys=("preset", "vocab_size", "norm", "skip",
+                                        "skip_lambda")))
+def build(arg, config, norm_ctx, data):
+  del arg, data
+  return Transformer(config_from(config, norm_ctx))

@@ -1,45 +1,52 @@
 """Tasks: what a model is trained on and how it is scored, plugged into the one engine.
 
-A task (:class:`resnorm_jax.tasks.base.Task`) owns its data, the global batch of a step,
-the loss of a batch and the evaluation; the engine (:mod:`resnorm_jax.training`) owns the
-state, the optimizer update in three execution styles, checkpointing and the loop.  A model
-family names its task when it registers (:func:`resnorm_jax.models.register_model`).
+A task (:class:`resnorm_jax.tasks.base.Task`, registered with
+:func:`resnorm_jax.tasks.base.register_task` and a :class:`TaskInfo`) owns its data, the
+global batch of a step, the loss of a batch and the evaluation; the engine
+(:mod:`resnorm_jax.training`) owns the state, the optimizer update in three execution
+styles, checkpointing and the loop.  A model family names its task when it registers
+(:func:`resnorm_jax.models.register_model`).  The package's own tasks, image
+classification and translation, register themselves when imported here.
 """
 
 from __future__ import annotations
 
+from resnorm_jax import models
 from resnorm_jax.errors import ConfigError
-from resnorm_jax.registry import Registry
+from resnorm_jax.tasks import image as _image  # noqa: F401  (registers image_classification)
+from resnorm_jax.tasks.base import TASKS, Metric, Task, TaskInfo, register_task
+from resnorm_jax.tasks.translation import task as _translation  # noqa: F401  (translation)
 
-TASKS = Registry("task")
+
+def task_name(config) -> str:
+  """The task ``model.name``'s family trains with."""
+  return models.family(config).task
 
 
-def task_class(config):
-  """The task class ``model.name`` trains with."""
-  from resnorm_jax import models
-  name = models.family(config).meta["task"]
-  _register_builtin()
+def _entry(config):
+  name = task_name(config)
   try:
-    return TASKS.entry(name)[0].build
+    return TASKS.entry(name)[0]
   except ConfigError as e:
     raise ConfigError(f"model.name={config.model.name!r} names task {name!r}: {e}") from None
 
 
-def data_sets(task_name: str):
-  """The registry of data sets ``task_name`` trains on (``data.name``'s valid choices)."""
-  _register_builtin()
-  return TASKS.entry(task_name)[0].meta["data_sets"]()
+def task_class(config) -> type[Task]:
+  """The :class:`Task` subclass ``model.name`` trains with."""
+  return _entry(config).build
 
 
-def headline(task_name: str) -> tuple[str, str, bool]:
-  """(evaluation key, table label, higher is better) of the number a paper reports for
-  ``task_name``; the key is also that of ``config.published``."""
-  _register_builtin()
-  return TASKS.entry(task_name)[0].meta["headline"]
+def task_info(config) -> TaskInfo:
+  """The :class:`TaskInfo` of the task ``model.name`` trains with."""
+  return _entry(config).info
 
 
-def _register_builtin() -> None:
-  """Imports the package's tasks (each registers itself); cheap after the first call."""
-  # pylint: disable=import-outside-toplevel,unused-import
-  from resnorm_jax.tasks import image  # noqa: F401
-  from resnorm_jax.tasks.translation import task  # noqa: F401
+def measure(config) -> Metric:
+  """The metric a results table shows for ``config``: ``published.measure`` when set, else
+  the task's headline metric."""
+  info = task_info(config)
+  return info.measure(info, config)
+
+
+__all__ = ["TASKS", "Metric", "Task", "TaskInfo", "register_task", "task_name", "task_class",
+           "task_info", "measure"]

@@ -19,13 +19,88 @@ restore or shape the state.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
 import ml_collections
 
-from resnorm_jax import models, optim
+from resnorm_jax import config as config_lib, models, optim
+from resnorm_jax.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """An evaluation number as tables and plots show it: ``key`` in the evaluation dict,
+  ``label`` (e.g. "test error %"), the better direction, and ``scale`` (shown = value ·
+  scale, e.g. 100 for an error rate in %)."""
+  key: str
+  label: str
+  higher_is_better: bool
+  scale: float = 1.0
+
+  def shown(self, value: float | None) -> float | None:
+    return None if value is None else float(value) * self.scale
+
+
+def _headline_only(info: "TaskInfo", config) -> Metric:
+  del config
+  return info.headline
+
+
+def _eval_line(info: "TaskInfo", ev: dict, workdir: str) -> list[str]:
+  del workdir
+  m = info.headline
+  return [f"  {m.label:<14} {m.shown(ev[m.key]):.4g}"] if m.key in ev else []
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+  """What the engine and the commands know of a task, besides its class.
+
+  ``headline``: the number papers report (also the key of ``published.<key>`` the task adds
+  to the schema, None = none published); ``data_sets``: the registry of its ``data.name``
+  choices; ``schema``: config sections and keys it adds, ``{section: {key: Key}}``;
+  ``workdir_files`` / ``workdir_directories``: what it writes in a run's workdir besides
+  the engine's files; ``measure(info, config)``: the metric of ``published.measure`` (a
+  task with several measures of its headline number, e.g. tokenized BLEU);
+  ``summary_lines(info, eval, workdir)``: resnorm-train's closing lines for the final
+  evaluation."""
+  headline: Metric
+  data_sets: Registry
+  schema: Mapping[str, Mapping[str, config_lib.Key]] = dataclasses.field(default_factory=dict)
+  workdir_files: tuple[str, ...] = ()
+  workdir_directories: tuple[str, ...] = ()
+  measure: Callable[["TaskInfo", Any], Metric] = _headline_only
+  summary_lines: Callable[["TaskInfo", dict, str], list[str]] = _eval_line
+
+
+class _TaskRegistry(Registry):
+  def unregister(self, name: str) -> None:
+    super().unregister(name)
+    config_lib.SCHEMA.remove(f"task {name}")
+
+
+TASKS = _TaskRegistry("task", TaskInfo)
+
+
+def register_task(name: str, doc: str, info: TaskInfo):
+  """Registers the decorated :class:`Task` subclass as task ``name`` and adds its schema
+  sections (and ``published.<headline key>``) to the config schema."""
+  registered = TASKS.register(name, doc, info=info)
+
+  def decorator(task_class):
+    owner = f"task {name}"
+    published = {} if config_lib.SCHEMA.get("published", info.headline.key) else {
+        info.headline.key: config_lib.Key(None, config_lib.NEUTRAL,
+                                          config_lib.optional_number,
+                                          f"published {info.headline.label}", optional=float)}
+    for section, keys in {**info.schema, "published": {
+        **info.schema.get("published", {}), **published}}.items():
+      config_lib.SCHEMA.add(section, keys, owner=owner)
+    return registered(task_class)
+  return decorator
 
 
 @flax.struct.dataclass

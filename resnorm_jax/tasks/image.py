@@ -17,14 +17,35 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnorm_jax import cpu_workarounds, data as data_lib, models, optim, parallelism
-from resnorm_jax.tasks import TASKS
-from resnorm_jax.tasks.base import LossOutput, Task
+from resnorm_jax import config as config_lib, cpu_workarounds, data as data_lib, models, optim
+from resnorm_jax import parallelism
+from resnorm_jax.tasks.base import LossOutput, Metric, Task, TaskInfo, register_task
+
+_C = config_lib
+# The data.* keys of image data sets (the engine's are data.name and data.data_dir).
+SCHEMA = {"data": {
+    "source": _C.Key("auto", _C.NEUTRAL, _C.one_of(*data_lib.DATA_SOURCES),
+                     "CIFAR: auto (TFDS if prepared, else tarball) | tfds | tarball"),
+    "augment": _C.Key("crop_flip", _C.TRAJECTORY, _C.one_of(*data_lib.AUGMENTATIONS),
+                      "crop_flip (pad + random crop + flip) | crop | none"),
+    "pad": _C.Key(4, _C.TRAJECTORY, _C.NON_NEGATIVE_INT, "pixels of padding before a crop"),
+    "synthetic_train_size": _C.Key(1024, _C.TRAJECTORY, _C.POSITIVE_INT,
+                                   "data.name=synthetic: training images"),
+    "synthetic_test_size": _C.Key(256, _C.TRAJECTORY, _C.POSITIVE_INT,
+                                  "data.name=synthetic: test images"),
+}}
 
 
-@TASKS.register("image_classification", "images to classes: cross entropy, top-1 error",
-                data_sets=lambda: data_lib.DATASETS,
-                headline=("error", "test error %", False))
+def _summary_lines(info: TaskInfo, ev: dict, workdir: str) -> list[str]:
+  del info, workdir
+  return [f"  test accuracy  {ev['accuracy']:.4f}   (error {100 * ev['error']:.2f}%, "
+          f"loss {ev['loss']:.4f})"]
+
+
+@register_task("image_classification", "images to classes: cross entropy, top-1 error",
+               TaskInfo(headline=Metric("error", "test error %", False, scale=100.0),
+                        data_sets=data_lib.DATASETS, schema=SCHEMA,
+                        summary_lines=_summary_lines))
 class ImageClassification(Task):
 
   def __init__(self, config: ml_collections.ConfigDict, mesh):
@@ -35,16 +56,14 @@ class ImageClassification(Task):
 
   @classmethod
   def validate(cls, config, replicas: int) -> None:
-    from resnorm_jax import config as config_lib
-    data_lib.validate_data_config(config)
-    config_lib.validate_accumulation(
+    validate_accumulation(
         config, config.train.batch_size // replicas,
         f"train.batch_size={config.train.batch_size} / {replicas} devices")
 
   @classmethod
   def static_data(cls, config) -> models.DataInfo:
-    meta = data_lib.DATASETS.parse(config.data.name).meta
-    return models.DataInfo(meta["num_classes"], meta["image_shape"])
+    info = data_lib.DATASETS.info(config.data.name)
+    return models.DataInfo(info.num_classes, info.image_shape)
 
   def setup(self, workdir: str) -> None:
     del workdir
@@ -108,6 +127,16 @@ class ImageClassification(Task):
   @staticmethod
   def describe(ev: dict) -> str:
     return f"eval accuracy {ev['accuracy']:.4f} loss {ev['loss']:.4f}"
+
+
+def validate_accumulation(config: ml_collections.ConfigDict, share: int, what: str) -> None:
+  """``train.accumulate_steps`` must divide ``share``, each device's rows of a batch."""
+  k = config.train.accumulate_steps
+  if share % k:
+    fits = max(d for d in range(1, k + 1) if share % d == 0)
+    raise config_lib.ConfigError(
+        f"train.accumulate_steps={k} must divide each device's share of the batch, {what} = "
+        f"{share}; e.g. use {fits}")
 
 
 def make_eval_step(task: ImageClassification):

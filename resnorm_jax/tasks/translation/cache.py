@@ -57,6 +57,7 @@ FORMAT = 1
 CHUNK = 50_000            # pairs encoded per call
 TOKENS_DIR = "tokens"
 MANIFEST = "manifest.json"
+SPM_FILE = "spm.model"
 SPM_INFO = "spm.json"
 SIDES = ("src", "tgt")
 
@@ -281,7 +282,7 @@ def ensure_sentencepiece(directory: str, sources: dict[str, PairSource], config,
   against the corpus and the sample settings (a one-line error when it belongs to another)."""
   t = config.translation
   root = epath.Path(directory)
-  model, info_path = root / "spm.model", root / SPM_INFO
+  model, info_path = root / SPM_FILE, root / SPM_INFO
   settings = {"vocab_size": config.model.vocab_size, "sample": t.spm_sample_sentences,
               "seed": t.spm_sample_seed}
   if model.exists():
@@ -406,7 +407,7 @@ def prepare(directory: str, config, *, progress: bool = True, log=print) -> dict
     recorded = {"train": (info or {}).get("corpus")}
   sources = corpus_sources(config, recorded)
   ensure_sentencepiece(directory, sources, config, log=log)
-  spm_hash = _sha256(root / "spm.model")
+  spm_hash = _sha256(root / SPM_FILE)
   fingerprints = {s: src.fingerprint for s, src in sources.items()}
   why = "unreadable manifest" if manifest_path.exists() and old is None else "absent"
   if old is not None:
@@ -428,7 +429,7 @@ def prepare(directory: str, config, *, progress: bool = True, log=print) -> dict
   manifest_path.unlink(missing_ok=True)
   tokens.mkdir(parents=True, exist_ok=True)
   import sentencepiece as spm
-  processor = spm.SentencePieceProcessor(model_proto=(root / "spm.model").read_bytes())
+  processor = spm.SentencePieceProcessor(model_proto=(root / SPM_FILE).read_bytes())
   t0 = time.perf_counter()
   splits = {}
   for split, source in sources.items():
@@ -542,7 +543,7 @@ def check_corpus_present(config) -> None:
 @storage.io_boundary   # a failing store: one line, exit 5
 def load_sentencepiece(directory: str, vocab_size: int):
   import sentencepiece as spm
-  path = epath.Path(directory) / "spm.model"
+  path = epath.Path(directory) / SPM_FILE
   processor = spm.SentencePieceProcessor(model_proto=path.read_bytes())
   if processor.get_piece_size() > vocab_size:
     raise ConfigError(f"{path} has {processor.get_piece_size()} pieces, more than "
@@ -568,6 +569,7 @@ def run(argv=None):
   from absl import app, flags
   from ml_collections import config_flags
   from resnorm_jax import config as config_lib
+  from resnorm_jax import validation
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   flags.DEFINE_string("workdir", None, "Run directory (or translation.cache_dir's parent).")
 
@@ -575,7 +577,7 @@ def run(argv=None):
     del argv
     config = flags.FLAGS.config
     try:
-      config_lib.validate(config, max(1, config.parallel.num_devices))
+      validation.validate(config, max(1, config.parallel.num_devices))
       directory = cache_directory(config, flags.FLAGS.workdir or "")
       if not directory:
         raise ConfigError("give --workdir or --config.translation.cache_dir")

@@ -43,7 +43,14 @@ import numpy as np
 from resnorm_jax import storage
 from resnorm_jax.registry import ConfigError, Registry
 
-TRANSLATION_DATASETS = Registry("translation data set")
+@dataclasses.dataclass(frozen=True)
+class CorpusInfo:
+  """What is known of a translation data set before reading it: the target language
+  (tokenized BLEU's rules depend on it)."""
+  target_lang: str
+
+
+TRANSLATION_DATASETS = Registry("translation data set", CorpusInfo)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 
@@ -78,7 +85,7 @@ def toy_pair(rng: np.random.Generator, vocab: int, max_words: int) -> tuple[str,
 
 @TRANSLATION_DATASETS.register(
     "toy_translation", "generated toy language: target = reversed source with a fixed word "
-    "mapping (offline; translation.toy_* sizes)", target_lang="en")
+    "mapping (offline; translation.toy_* sizes)", info=CorpusInfo(target_lang="en"))
 def _toy(arg, config) -> TextCorpus:
   t = config.translation
   draw = lambda n, seed: tuple(map(list, zip(*(
@@ -99,7 +106,7 @@ IWSLT_FILES = ("train.en", "train.vi", "tst2013.en", "tst2013.vi")
 
 @TRANSLATION_DATASETS.register(
     "iwslt15_envi", "IWSLT'15 English->Vietnamese from the standard files train.{en,vi}, "
-    "tst2013.{en,vi} in data.data_dir (test: tst2013)", target_lang="vi")
+    "tst2013.{en,vi} in data.data_dir (test: tst2013)", info=CorpusInfo(target_lang="vi"))
 def _iwslt15(arg, config) -> TextCorpus:
   root = storage.join(os.path.expanduser(config.data.data_dir or "."), "iwslt15_envi")
   if _latest_version_dir(root) is not None:   # prepared by resnorm_jax/tasks/translation/iwslt15.py's builder
@@ -131,7 +138,7 @@ WMT_NAME = "wmt14_translate/de-en"
 
 @TRANSLATION_DATASETS.register(
     "wmt14_ende", "WMT'14 English->German from TFDS's prepared wmt14_translate/de-en "
-    "(ArrayRecord) in data.data_dir; test: newstest2014", target_lang="de")
+    "(ArrayRecord) in data.data_dir; test: newstest2014", info=CorpusInfo(target_lang="de"))
 def _wmt14(arg, config) -> TextCorpus:
   return read_tfds_translation(config.data.data_dir, WMT_NAME, "en", "de")
 

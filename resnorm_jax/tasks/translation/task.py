@@ -28,12 +28,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnorm_jax import models, parallelism, storage
+from resnorm_jax import config as config_lib, models, parallelism, storage
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.models.transformer import (padding_mask, shift_right, shift_right_segments,
                                             target_mask)
-from resnorm_jax.tasks import TASKS
-from resnorm_jax.tasks.base import LossOutput, Task
+from resnorm_jax.tasks.base import LossOutput, Metric, Task, TaskInfo, register_task
 from resnorm_jax.tasks.translation import bleu as bleu_lib, cache, corpora, decoding, packing
 
 
@@ -50,10 +49,71 @@ def _gather(array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-@TASKS.register("translation", "source to target sentences: label-smoothed cross entropy "
-                "per real target token, beam-search BLEU",
-                data_sets=lambda: corpora.TRANSLATION_DATASETS,
-                headline=("bleu", "test BLEU", True))
+_C = config_lib
+# The translation section (model.* keys: the Transformer family's; data.name: corpora.py).
+# The shared SentencePiece vocabulary has model.vocab_size pieces.
+SCHEMA = {"translation": {
+    "max_length": _C.Key(256, _C.TRAJECTORY, _C.POSITIVE_INT,
+                         "longest training sentence in pieces (EOS included)"),
+    "max_tokens": _C.Key(4096, _C.TRAJECTORY, _C.POSITIVE_INT,
+                         "token budget of a global batch: rows x bucket length"),
+    "beam_size": _C.Key(4, _C.NEUTRAL, _C.POSITIVE_INT),
+    "length_penalty": _C.Key(0.6, _C.NEUTRAL, _C.number(allow_zero=True), "GNMT alpha"),
+    "eval_max_sentences": _C.Key(0, _C.NEUTRAL, _C.NON_NEGATIVE_INT,
+                                 "0 = the whole test set"),
+    "toy_train_size": _C.Key(20_000, _C.TRAJECTORY, _C.POSITIVE_INT),
+    "toy_test_size": _C.Key(200, _C.TRAJECTORY, _C.POSITIVE_INT),
+    "toy_vocab": _C.Key(40, _C.TRAJECTORY, _C.POSITIVE_INT),
+    "toy_max_words": _C.Key(10, _C.TRAJECTORY, _C.POSITIVE_INT),
+    # The prepared token cache (cache.py) and packing (packing.py).
+    "cache_dir": _C.Key("", _C.NEUTRAL, _C.path, "'' = the workdir; else shared by runs of "
+                        "the same data"),
+    "spm_sample_sentences": _C.Key(1_000_000, _C.TRAJECTORY, _C.int_at_least(2),
+                                   "SentencePiece trains on at most this many sentences"),
+    "spm_sample_seed": _C.Key(0, _C.TRAJECTORY, _C.seed),
+    "packing": _C.Key(False, _C.TRAJECTORY, _C.boolean,
+                      "several pairs per row (segment ids, per-segment positions)"),
+    "tokenized_bleu": _C.Key("none", _C.NEUTRAL, _C.one_of(*bleu_lib.TOKENIZED),
+                             "bleu_tokenized beside sacreBLEU: none | tokens (multi-bleu on "
+                             "the text as is) | t2t_compound (tensor2tensor's "
+                             "get_ende_bleu.sh); tasks/translation/bleu.py"),
+}}
+BLEU = Metric("bleu", "test BLEU", True)
+# published.measure: the measures of the headline number (sacreBLEU's, or tokenized).
+MEASURES = {"bleu": BLEU, "bleu_tokenized": Metric("bleu_tokenized", "test BLEU (tokenized)",
+                                                   True)}
+TOKENIZED_LABELS = {"t2t_compound": "test BLEU (tokenized, compound-split)"}
+
+
+def _measure(info: TaskInfo, config) -> Metric:
+  del info
+  metric = MEASURES[config.published.measure or "bleu"]
+  if metric.key == "bleu_tokenized":
+    label = TOKENIZED_LABELS.get(config.translation.tokenized_bleu, metric.label)
+    metric = Metric(metric.key, label, metric.higher_is_better)
+  return metric
+
+
+def _summary_lines(info: TaskInfo, ev: dict, workdir: str) -> list[str]:
+  del info
+  lines = [f"  test BLEU      {ev['bleu']:.2f}   ({int(ev['sentences'])} sentences, "
+           f"sacreBLEU {ev.get('bleu_signature', '')}; translations in "
+           f"{storage.join(workdir, TRANSLATIONS_DIR)})"]
+  if "bleu_tokenized" in ev:
+    lines.append(f"  tokenized BLEU {ev['bleu_tokenized']:.2f}   (multi-bleu.perl, "
+                 f"translation.tokenized_bleu)")
+  return lines
+
+
+TRANSLATIONS_DIR = "translations"
+
+
+@register_task("translation", "source to target sentences: label-smoothed cross entropy "
+               "per real target token, beam-search BLEU",
+               TaskInfo(headline=BLEU, data_sets=corpora.TRANSLATION_DATASETS, schema=SCHEMA,
+                        workdir_files=(cache.SPM_FILE,),
+                        workdir_directories=(TRANSLATIONS_DIR,), measure=_measure,
+                        summary_lines=_summary_lines))
 class Translation(Task):
   """The translation task of :func:`resnorm_jax.training.train_and_evaluate`."""
 
@@ -65,8 +125,7 @@ class Translation(Task):
 
   @classmethod
   def validate(cls, config, replicas: int) -> None:
-    from resnorm_jax import config as config_lib
-    config_lib.validate_translation(config, replicas)
+    validate_config(config, replicas)
 
   @classmethod
   def static_data(cls, config) -> models.DataInfo:
@@ -179,10 +238,10 @@ class Translation(Task):
   def evaluate(self, state, step: int, name: str = "") -> dict:
     hypotheses = self.translate(state)
     tokenized = self.config.translation.tokenized_bleu
-    lang = corpora.TRANSLATION_DATASETS.entry(self.config.data.name)[0].meta["target_lang"]
+    lang = corpora.TRANSLATION_DATASETS.info(self.config.data.name).target_lang
     scores = bleu_lib.scores(hypotheses, self.references, tokenized, lang)
     if jax.process_index() == 0:
-      directory = storage.join(self.workdir, "translations")
+      directory = storage.join(self.workdir, TRANSLATIONS_DIR)
       storage.makedirs(directory)
       storage.write_atomic(storage.join(directory, f"{name or f'step_{step}'}.txt"),
                            "".join(h + "\n" for h in hypotheses))
@@ -193,3 +252,32 @@ class Translation(Task):
     tokenized = (f", tokenized BLEU {ev['bleu_tokenized']:.2f}" if "bleu_tokenized" in ev
                  else "")
     return f"test BLEU {ev['bleu']:.2f}{tokenized} ({int(ev['sentences'])} sentences)"
+
+
+def validate_config(config: ml_collections.ConfigDict, replicas: int) -> None:
+  """Checks across keys of the translation task (each key's own check is in SCHEMA)."""
+  tr, m = config.translation, config.model
+  measure = config.published.measure
+  if measure not in ("", *MEASURES):
+    raise ConfigError(f"published.measure={measure!r} is not valid; valid choices: bleu "
+                      "(sacreBLEU), bleu_tokenized")
+  if measure == "bleu_tokenized" and tr.tokenized_bleu == "none":
+    raise ConfigError("published.measure='bleu_tokenized' needs translation.tokenized_bleu "
+                      "(tokens or t2t_compound), or the table has no number to compare")
+  if tr.max_length > m.max_len:
+    raise ConfigError(f"translation.max_length={tr.max_length} exceeds model.max_len="
+                      f"{m.max_len}")
+  if tr.max_tokens < replicas * tr.max_length:
+    raise ConfigError(f"translation.max_tokens={tr.max_tokens} must be >= {replicas} "
+                      f"replicas x translation.max_length={tr.max_length} = "
+                      f"{replicas * tr.max_length}")
+  # A global batch's rows are rounded down to a multiple of replicas x k
+  # (corpora.rows_for), so every bucket splits into k microbatches per device as long as the
+  # longest bucket has replicas x k rows.
+  k = config.train.accumulate_steps
+  if tr.max_tokens < replicas * k * tr.max_length:
+    raise ConfigError(
+        f"train.accumulate_steps={k} must divide each device's share of the batch, but "
+        f"translation.max_tokens={tr.max_tokens} gives rows of translation.max_length="
+        f"{tr.max_length} tokens fewer than {replicas} replicas x {k} rows; use max_tokens >= "
+        f"{replicas * k * tr.max_length} or a smaller k")
