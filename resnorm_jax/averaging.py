@@ -85,12 +85,13 @@ def evaluate_average(config, workdir: str, task, ckpt, last: int, writer=None) -
   ``writer``, or a new :class:`MetricWriter`).  Every check runs before anything is
   written.  Returns the evaluation with ``averaged_steps``."""
   from resnorm_jax import checkpointing, training
+  from resnorm_jax import resume
   from resnorm_jax.metrics import MetricWriter
   import jax
   ckpt.wait()
   steps = select_steps(ckpt.all_steps(), last, average_interval(config), ckpt.directory)
   state = averaged_state(ckpt, training.abstract_state(task), steps,
-                         checkpointing.config_fingerprint(config.to_dict()))
+                         resume.config_fingerprint(config.to_dict()))
   result = task.evaluate(state, steps[-1], name=f"average_{steps[0]}-{steps[-1]}")
   result = {**result, "averaged_steps": steps}
   own = writer is None
@@ -120,7 +121,8 @@ def average_workdir(workdir: str, last: int) -> dict:
   """:func:`evaluate_average` of the run in ``workdir`` (the command's work)."""
   import jax
   from resnorm_jax import checkpointing, parallelism, training
-  config = checkpointing.load_config_json(workdir)
+  from resnorm_jax import resume
+  config = resume.load_config_json(workdir)
   if last < 1:
     raise ConfigError(f"--last={last} must be a positive integer")
   validation.validate(config, jax.device_count())
@@ -166,9 +168,10 @@ def main(argv):
 
   def work():
     from resnorm_jax import checkpointing
+    from resnorm_jax import resume
     last = _FLAGS["last"].value
     if last is None:
-      last = checkpointing.load_config_json(workdir).checkpoint.average_last or 5
+      last = resume.load_config_json(workdir).checkpoint.average_last or 5
     return average_workdir(workdir, last)
   result = train_cli.run_guarded(work, workdir)
   print(describe(result), file=sys.stdout)

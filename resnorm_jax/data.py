@@ -297,3 +297,63 @@ def _cifar100(arg, config) -> ImageDataset:
 
 def load_dataset(config) -> ImageDataset:
   return DATASETS.build(config.data.name, config=config)
+
+
+# ----------------------------------------------------------------------------------------
+# Order and augmentation.
+# ----------------------------------------------------------------------------------------
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  if num_examples < batch_size:
+    raise ConfigError(f"train.batch_size={batch_size} is larger than the {num_examples} "
+                      "training examples")
+  return num_examples // batch_size
+
+
+def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
+  """Indices of the global batch at ``step``: epoch permutations from (seed, epoch)."""
+  per_epoch = steps_per_epoch(num_examples, batch_size)
+  epoch, position = divmod(step, per_epoch)
+  permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return permutation[position * batch_size:(position + 1) * batch_size].astype(np.int32)
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+  """uint8 -> float32 (x/255 − mean) / std per channel."""
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def augment(images: jax.Array, key: jax.Array, *, pad: int, mode: str) -> jax.Array:
+  """Zero-pad by ``pad`` pixels, take a random crop of the original size, random h-flip.
+
+  One independent draw per example from ``key`` (a function of seed and step); the draws
+  of the global batch do not depend on how it is sharded (threefry is partitionable), and
+  neither does the crop: it is written as two one-hot contractions,
+  ``crop[n, i, j] = Σ_{r,c} [r = i + dy_n] [c = j + dx_n] padded[n, r, c]``, which are exact
+  for uint8 pixels in float32 and partition along the batch like any einsum.  (A per-example
+  ``dynamic_slice`` is a batched gather, which XLA's SPMD partitioner computed differently
+  on 1 and 8 devices inside the train step.)
+  """
+  if mode == "none" or images.shape[0] == 0:
+    return images
+  n, h, w, _ = images.shape
+  k_crop, k_flip = jax.random.split(key)
+  if pad:
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(jnp.float32)
+    offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * pad + 1)
+    rows = _one_hot_window(offsets[:, 0], h, h + 2 * pad)   # (n, h, h + 2 pad)
+    cols = _one_hot_window(offsets[:, 1], w, w + 2 * pad)   # (n, w, w + 2 pad)
+    x = jnp.einsum("nir,nrcd->nicd", rows, padded, precision=jax.lax.Precision.HIGHEST)
+    x = jnp.einsum("njc,nicd->nijd", cols, x, precision=jax.lax.Precision.HIGHEST)
+    images = jnp.round(x).astype(images.dtype)
+  if mode == "crop_flip":
+    flip = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
+    images = jnp.where(flip, images[:, :, ::-1, :], images)
+  return images
+
+
+def _one_hot_window(start: jax.Array, size: int, total: int) -> jax.Array:
+  """``[n, i, r] = 1`` where ``r == start[n] + i``: selects ``size`` consecutive rows of
+  ``total`` from each example's offset."""
+  wanted = start[:, None, None] + jnp.arange(size)[None, :, None]
+  return (wanted == jnp.arange(total)[None, None, :]).astype(jnp.float32)

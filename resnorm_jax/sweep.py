@@ -405,19 +405,19 @@ def record_sweep(workdir: str, config_path: str) -> None:
 def check_existing_run(path: str, config, metric_key: str) -> dict | None:
   """The run in ``path`` if it may be kept or resumed with ``config``; UsageError when it was
   trained with another model or data, or finished with other settings."""
-  from resnorm_jax import checkpointing
+  from resnorm_jax import checkpointing, resume
   state = read_run(path, metric_key)
   if state is None:
     return None
   config_dict = config.to_dict()
   try:
-    checkpointing.check_config_compatible(path, config_dict)
+    resume.check_config_compatible(path, config_dict)
   except ConfigError as e:
     first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
     raise UsageError(f"{path} holds a run of another config ({first}); use another "
                      "--workdir") from None
   if state["status"] != "unfinished":
-    changes = checkpointing.resume_changes(path, config_dict)
+    changes = resume.resume_changes(path, config_dict)
     if changes:
       raise UsageError(f"{path} finished with other settings ({changes[0]}); finished runs "
                        "are never retrained: use another --workdir or drop that override")

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from resnorm_jax import checkpointing, config as config_lib, cpu_workarounds, errors
+from resnorm_jax import checkpointing, cpu_workarounds, errors, preemption, resume
 from resnorm_jax import validation
 from resnorm_jax import layer_stats as layer_stats_lib, parallelism, storage, tasks
 from resnorm_jax import workdir as workdir_lib
@@ -317,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   t0 = time.perf_counter()
   lock = workdir_lib.WorkdirLock(workdir)
-  with checkpointing.PreemptionGuard(sigint=True, on_abort=lock.release) as guard, \
+  with preemption.PreemptionGuard(sigint=True, on_abort=lock.release) as guard, \
       quiet_storage_logs():
     workdir_lib.check_workdir(workdir, parent_must_exist=False)   # URL, file, read-only
     validation.validate(config, jax.device_count())
@@ -418,16 +418,16 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
   """The loop of :func:`train_and_evaluate`, in a locked workdir."""
   config_dict = config.to_dict()
   previous_config = None
-  checkpointing.check_config_compatible(workdir, config_dict)
-  changes = checkpointing.resume_changes(workdir, config_dict)
+  resume.check_config_compatible(workdir, config_dict)
+  changes = resume.resume_changes(workdir, config_dict)
   abstract = abstract_state(task)
   if _is_main_process():  # a save that cannot fit would fail after the first interval
     workdir_lib.check_free_space(
         workdir, workdir_lib.checkpoint_bytes_needed(state_bytes(abstract)))
 
   if changes:   # keep the config the checkpoint was trained with
-    previous_config = checkpointing.archive_config_json(workdir)
-  checkpointing.save_config_json(workdir, config_dict)
+    previous_config = resume.archive_config_json(workdir)
+  resume.save_config_json(workdir, config_dict)
   task.setup(workdir)
   steps = {False: make_train_step(task)}   # with layer statistics: compiled on first use
   from resnorm_jax import averaging
@@ -436,7 +436,7 @@ def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
                                     every_steps=config.checkpoint.every_steps,
                                     average_keep=config.checkpoint.average_last,
                                     average_every_steps=averaging.average_interval(config),
-                                    fingerprint=checkpointing.config_fingerprint(config_dict))
+                                    fingerprint=resume.config_fingerprint(config_dict))
   try:
     restored = ckpt.restore(abstract)
   except BaseException as e:

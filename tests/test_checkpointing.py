@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnorm_jax import checkpointing
-from resnorm_jax.checkpointing import Checkpointer, PreemptionGuard
+from resnorm_jax import checkpointing, preemption, resume
+from resnorm_jax.checkpointing import Checkpointer
+from resnorm_jax.preemption import PreemptionGuard
 from resnorm_jax.errors import ConfigError
 
 LOGGER = "resnorm_jax.checkpointing"
@@ -264,23 +265,23 @@ def _config(norm="batch", data="cifar10", lr=0.1):
 
 def test_config_json_roundtrip_and_compatible(tmp_path):
   workdir = str(tmp_path / "run")
-  checkpointing.check_config_compatible(workdir, _config())  # nothing saved yet: fine
-  path = checkpointing.save_config_json(workdir, _config())
+  resume.check_config_compatible(workdir, _config())  # nothing saved yet: fine
+  path = resume.save_config_json(workdir, _config())
   assert path == os.path.join(workdir, "config.json")
   with open(path) as f:
     assert json.load(f)["model"]["norm"] == "batch"
   assert [n for n in os.listdir(workdir) if n != "config.json"] == []  # no temp leftovers
-  checkpointing.check_config_compatible(workdir, _config(lr=0.5))  # train.* may change
-  checkpointing.save_config_json(workdir, _config(lr=0.5))        # overwrite is atomic
+  resume.check_config_compatible(workdir, _config(lr=0.5))  # train.* may change
+  resume.save_config_json(workdir, _config(lr=0.5))        # overwrite is atomic
 
 
 def test_config_incompatible_lists_each_key(tmp_path):
   workdir = str(tmp_path / "run")
-  checkpointing.save_config_json(workdir, _config())
+  resume.save_config_json(workdir, _config())
   current = _config(norm="layer", data="imagenet")
   current["model"]["depth"] = 56
   with pytest.raises(ConfigError) as e:
-    checkpointing.check_config_compatible(workdir, current)
+    resume.check_config_compatible(workdir, current)
   msg = str(e.value)
   assert "model.norm: checkpoint has 'batch', this run has 'layer'" in msg
   assert "model.depth: checkpoint has 20, this run has 56" in msg
@@ -296,4 +297,4 @@ def test_config_unreadable_is_config_error(tmp_path):
   workdir.mkdir()
   (workdir / "config.json").write_text("{not json")
   with pytest.raises(ConfigError, match="config.json is unreadable"):
-    checkpointing.check_config_compatible(str(workdir), _config())
+    resume.check_config_compatible(str(workdir), _config())
