@@ -28,8 +28,10 @@ import sys
 
 from absl import flags
 
-from resnorm_jax import config as config_lib, storage
-from resnorm_jax import validation
+import jax
+
+from resnorm_jax import resume, storage, validation
+from resnorm_jax.metrics import MetricWriter
 from resnorm_jax.errors import ConfigError
 
 _FLAGS = {}
@@ -79,19 +81,16 @@ def averaged_state(ckpt, abstract, steps: list[int], expected_fingerprint: str =
   return state.replace(params=params, batch_stats=batch_stats)
 
 
-def evaluate_average(config, workdir: str, task, ckpt, last: int, writer=None) -> dict:
+def evaluate_average(config, workdir: str, task, ckpt, abstract, last: int,
+                     writer=None) -> dict:
   """Averages the newest ``last`` checkpoints of ``ckpt`` (at ``checkpoint.average_every_
-  steps``), evaluates the average with ``task`` and writes the ``average`` record (through
-  ``writer``, or a new :class:`MetricWriter`).  Every check runs before anything is
-  written.  Returns the evaluation with ``averaged_steps``."""
-  from resnorm_jax import checkpointing, training
-  from resnorm_jax import resume
-  from resnorm_jax.metrics import MetricWriter
-  import jax
+  steps``; ``abstract``: the train state's shapes and shardings), evaluates the average
+  with ``task`` and writes the ``average`` record (through ``writer``, or a new
+  :class:`MetricWriter`).  Every check runs before anything is written.  Returns the
+  evaluation with ``averaged_steps``."""
   ckpt.wait()
   steps = select_steps(ckpt.all_steps(), last, average_interval(config), ckpt.directory)
-  state = averaged_state(ckpt, training.abstract_state(task), steps,
-                         resume.config_fingerprint(config.to_dict()))
+  state = averaged_state(ckpt, abstract, steps, resume.config_fingerprint(config.to_dict()))
   result = task.evaluate(state, steps[-1], name=f"average_{steps[0]}-{steps[-1]}")
   result = {**result, "averaged_steps": steps}
   own = writer is None
@@ -106,22 +105,15 @@ def evaluate_average(config, workdir: str, task, ckpt, last: int, writer=None) -
   return result
 
 
-def describe(result: dict) -> str:
+def describe(result: dict, task) -> str:
+  """One line: the averaged steps and the task's description of the evaluation."""
   steps = result["averaged_steps"]
-  if "bleu" in result:
-    text = f"test BLEU {result['bleu']:.2f} (sacreBLEU {result['bleu_signature']})"
-    if "bleu_tokenized" in result:
-      text += f", tokenized BLEU {result['bleu_tokenized']:.2f}"
-  else:
-    text = f"test error {100 * result['error']:.2f}% (accuracy {result['accuracy']:.4f})"
-  return f"average of the {len(steps)} checkpoints of steps {steps}: {text}"
+  return f"average of the {len(steps)} checkpoints of steps {steps}: {task.describe(result)}"
 
 
 def average_workdir(workdir: str, last: int) -> dict:
   """:func:`evaluate_average` of the run in ``workdir`` (the command's work)."""
-  import jax
   from resnorm_jax import checkpointing, parallelism, training
-  from resnorm_jax import resume
   config = resume.load_config_json(workdir)
   if last < 1:
     raise ConfigError(f"--last={last} must be a positive integer")
@@ -134,7 +126,7 @@ def average_workdir(workdir: str, last: int) -> dict:
     select_steps(ckpt.all_steps(), last, average_interval(config), ckpt.directory)
     task = training.build_task(config, mesh)
     task.setup(workdir)
-    return evaluate_average(config, workdir, task, ckpt, last)
+    return evaluate_average(config, workdir, task, ckpt, training.abstract_state(task), last)
   finally:
     ckpt.close()
 
@@ -167,14 +159,13 @@ def main(argv):
     train_cli.fail("--workdir is required: the training run's workdir")
 
   def work():
-    from resnorm_jax import checkpointing
-    from resnorm_jax import resume
     last = _FLAGS["last"].value
     if last is None:
       last = resume.load_config_json(workdir).checkpoint.average_last or 5
     return average_workdir(workdir, last)
   result = train_cli.run_guarded(work, workdir)
-  print(describe(result), file=sys.stdout)
+  from resnorm_jax import tasks
+  print(describe(result, tasks.task_class(resume.load_config_json(workdir))), file=sys.stdout)
 
 
 def run():

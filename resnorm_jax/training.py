@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from resnorm_jax import checkpointing, cpu_workarounds, errors, preemption, resume
+from resnorm_jax import averaging, checkpointing, cpu_workarounds, errors, preemption, resume
 from resnorm_jax import validation
 from resnorm_jax import layer_stats as layer_stats_lib, parallelism, storage, tasks
 from resnorm_jax import workdir as workdir_lib
@@ -390,22 +390,6 @@ def _acquire(lock: workdir_lib.WorkdirLock, workdir: str) -> None:
     raise error
 
 
-def _evaluate_average(config, workdir, task, ckpt, writer, progress) -> dict | None:
-  """``checkpoint.average_last``: the average of the newest checkpoints at the averaging
-  cadence, evaluated and written (:mod:`resnorm_jax.averaging`); None, with a note, when
-  the run kept fewer (a run shorter than N intervals) or they span configs (a resume with
-  other settings): the checks come before anything is written."""
-  from resnorm_jax import averaging
-  try:
-    result = averaging.evaluate_average(config, workdir, task, ckpt,
-                                        config.checkpoint.average_last, writer)
-  except ConfigError as e:
-    progress.write(f"checkpoint averaging skipped: {e}")
-    return None
-  progress.write(averaging.describe(result))
-  return result
-
-
 def _eval_lines(config, ev: dict, workdir: str) -> list[str]:
   """The task's lines for the final evaluation (:attr:`resnorm_jax.tasks.TaskInfo.summary_lines`)."""
   if not ev:
@@ -414,146 +398,202 @@ def _eval_lines(config, ev: dict, workdir: str) -> list[str]:
   return info.summary_lines(info, ev, workdir)
 
 
-def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
-  """The loop of :func:`train_and_evaluate`, in a locked workdir."""
+def _prepare_workdir(config, workdir: str, task: Task, abstract) -> tuple[list[str], str | None]:
+  """Before anything is written: the checkpoint's config must allow this one, and a
+  checkpoint must fit; then ``config.json`` (the earlier one archived when settings that
+  change the continuation differ) and the task's set-up.  Returns (the changed settings,
+  the archived config's path)."""
   config_dict = config.to_dict()
-  previous_config = None
   resume.check_config_compatible(workdir, config_dict)
   changes = resume.resume_changes(workdir, config_dict)
-  abstract = abstract_state(task)
   if _is_main_process():  # a save that cannot fit would fail after the first interval
     workdir_lib.check_free_space(
         workdir, workdir_lib.checkpoint_bytes_needed(state_bytes(abstract)))
-
-  if changes:   # keep the config the checkpoint was trained with
-    previous_config = resume.archive_config_json(workdir)
+  previous_config = resume.archive_config_json(workdir) if changes else None
   resume.save_config_json(workdir, config_dict)
   task.setup(workdir)
-  steps = {False: make_train_step(task)}   # with layer statistics: compiled on first use
-  from resnorm_jax import averaging
-  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
-                                    keep=config.checkpoint.keep,
-                                    every_steps=config.checkpoint.every_steps,
-                                    average_keep=config.checkpoint.average_last,
-                                    average_every_steps=averaging.average_interval(config),
-                                    fingerprint=resume.config_fingerprint(config_dict))
+  return changes, previous_config
+
+
+def _checkpointer(config, workdir: str) -> checkpointing.Checkpointer:
+  return checkpointing.Checkpointer(
+      storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+      every_steps=config.checkpoint.every_steps, average_keep=config.checkpoint.average_last,
+      average_every_steps=averaging.average_interval(config),
+      fingerprint=resume.config_fingerprint(config.to_dict()))
+
+
+def _restore_or_init(task: Task, ckpt: checkpointing.Checkpointer, abstract,
+                     workdir: str) -> TrainState:
+  """The newest checkpoint's state, or a fresh one."""
   try:
     restored = ckpt.restore(abstract)
   except BaseException as e:
     _close_after_failure(e, workdir, ckpt.close)
     raise
   if restored is None:
-    state = init_state(task)
-  else:
-    state = restored[1]
-    logging.info("resumed from the checkpoint of step %d in %s", restored[0], workdir)
-  start_step = int(parallelism.to_host(state.step))
+    return init_state(task)
+  logging.info("resumed from the checkpoint of step %d in %s", restored[0], workdir)
+  return restored[1]
 
-  t = config.train
-  # Records after the restored step are dropped: the continuing run writes them again.
-  writer = MetricWriter(workdir, enabled=_is_main_process(), resume_step=start_step)
-  stats_every = t.layer_stats_every_steps
-  call_order = (layer_stats_lib.module_call_order(task.model, *task.layer_stats_inputs(),
-                                                  train=False)
-                if stats_every and writer.enabled else [])
-  progress = Progress(t.steps, start_step, enabled=_is_main_process())
-  if changes:
-    progress.write(
-        f"resuming {workdir} with settings that change the continuation (the result is the "
-        f"run of neither config alone; the earlier config is kept in {previous_config}):\n  "
-        + "\n  ".join(changes))
-  history: list[dict] = []
-  last_eval: dict[str, float] = {}
-  average: dict | None = None
-  status = "completed"
-  train_time = 0.0
 
-  def run_eval(step):
-    nonlocal last_eval
-    last_eval = task.evaluate(state, step)
-    writer.write(step, "eval", last_eval)
-    progress.write(f"step {step}: {task.describe(last_eval)}")
+class _Loop:
+  """The training loop of one run: steps, logging, evaluation, checkpoints, each a method.
 
-  def check_finite(step):
-    bad = int(parallelism.to_host(state.nonfinite_step))
+  Holds the state between steps; every process runs the same calls in the same order (the
+  decisions that depend on one process, a signal or a non-finite step, are agreed first)."""
+
+  def __init__(self, config, workdir: str, task: Task, ckpt, state: TrainState, abstract):
+    self.config, self.workdir, self.task, self.ckpt = config, workdir, task, ckpt
+    self.state, self.abstract = state, abstract
+    self.start_step = int(parallelism.to_host(state.step))
+    self.step = self.start_step
+    t = config.train
+    # Records after the restored step are dropped: the continuing run writes them again.
+    self.writer = MetricWriter(workdir, enabled=_is_main_process(), resume_step=self.start_step)
+    self.progress = Progress(t.steps, self.start_step, enabled=_is_main_process())
+    self.stats_every = t.layer_stats_every_steps
+    self.call_order = (layer_stats_lib.module_call_order(
+        task.model, *task.layer_stats_inputs(), train=False)
+        if self.stats_every and self.writer.enabled else [])
+    self.steps = {False: make_train_step(task)}   # with layer statistics: on first use
+    self.history: list[dict] = []
+    self.last_eval: dict[str, float] = {}
+    self.average: dict | None = None
+    self.train_time = 0.0
+    self.tick = time.perf_counter()
+
+  def closers(self) -> tuple:
+    return (self.ckpt.close, self.progress.close, self.writer.close)
+
+  def train_step(self) -> None:
+    """One step (with the layer statistics every ``train.layer_stats_every_steps``)."""
+    with_stats = self.stats_every > 0 and (self.step + 1) % self.stats_every == 0
+    if with_stats not in self.steps:
+      self.steps[with_stats] = make_train_step(self.task, layer_stats=True)
+    self.state, metrics = self.steps[with_stats](self.state, self.task.inputs(self.step))
+    if with_stats:
+      layer_stats_lib.write(self.writer, self.step + 1, metrics.pop("layer_stats"),
+                            self.call_order)
+    self.history.append(metrics)
+    self.step += 1
+
+  def log(self) -> None:
+    """The mean of the metrics since the last record, and the throughput."""
+    self.check_finite()
+    summary = _mean_metrics(self.history)
+    elapsed = time.perf_counter() - self.tick
+    self.train_time += elapsed
+    summary["steps_per_sec"] = len(self.history) / elapsed
+    rates = self.task.throughput(summary, summary["steps_per_sec"])
+    summary.update(rates)
+    self.writer.write(self.step, "train", summary)
+    self.progress.update(self.step, rates, loss=f"{summary['loss']:.3f}")
+    self.history, self.tick = [], time.perf_counter()
+
+  def evaluate(self) -> None:
+    self.last_eval = self.task.evaluate(self.state, self.step)
+    self.writer.write(self.step, "eval", self.last_eval)
+    self.progress.write(f"step {self.step}: {self.task.describe(self.last_eval)}")
+
+  def check_finite(self) -> None:
+    """:class:`NonFiniteLossError` once a step was non-finite (``train.on_nonfinite=stop``)."""
+    bad = int(parallelism.to_host(self.state.nonfinite_step))
     if bad >= 0:
-      kept = ckpt.latest_step()
+      kept = self.ckpt.latest_step()
       raise NonFiniteLossError(
           f"non-finite loss or gradients at step {bad}; training stopped. The last good "
           f"checkpoint ({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in "
-          f"{ckpt.directory}. Lower train.learning_rate, set train.grad_clip_norm, or use "
-          f"--config.train.on_nonfinite=skip")
+          f"{self.ckpt.directory}. Lower train.learning_rate, set train.grad_clip_norm, or "
+          f"use --config.train.on_nonfinite=skip")
 
-  def save(step, force=False):
-    if ckpt.save(step, state, force=force):
-      writer.sync()   # the metrics up to a checkpoint are as durable as the checkpoint
+  def save(self, force: bool = False) -> None:
+    self.check_finite()
+    if self.ckpt.save(self.step, self.state, force=force):
+      self.writer.sync()   # the metrics up to a checkpoint are as durable as the checkpoint
 
+  def run(self, guard) -> str:
+    """Steps until ``train.steps`` or a signal on any process (then every process saves
+    the same step); returns the run's status."""
+    config, t = self.config, self.config.train
+    while self.step < t.steps:
+      if parallelism.any_process(guard.requested):
+        self.save(force=True)
+        self.progress.write(f"{guard.signal or 'signal'} received: saved the checkpoint of "
+                            f"step {self.step}; rerun the same command to resume")
+        return "interrupted" if guard.signal == "SIGINT" else "preempted"
+      self.train_step()
+      if self.step % t.log_every_steps == 0 or self.step == t.steps:
+        self.log()
+      if config.eval.every_steps and self.step % config.eval.every_steps == 0 and \
+          self.step < t.steps:
+        self.evaluate()
+      if self.ckpt.should_save(self.step):
+        self.save()
+    self.check_finite()
+    self.evaluate()
+    self.save(force=True)
+    return "completed"
+
+  def finish(self, status: str) -> None:
+    """Waits for the saves, then evaluates the checkpoint average (a completed run with
+    ``checkpoint.average_last``)."""
+    self.ckpt.wait()
+    if status == "completed" and self.config.checkpoint.average_last:
+      self.average = self.evaluate_average()
+    self.writer.sync()
+
+  def evaluate_average(self) -> dict | None:
+    """``checkpoint.average_last``: the average of the newest checkpoints at the averaging
+    cadence, evaluated and written (:mod:`resnorm_jax.averaging`); None, with a note, when
+    the run kept fewer (a run shorter than N intervals) or they span configs (a resume with
+    other settings): the checks come before anything is written."""
+    try:
+      result = averaging.evaluate_average(self.config, self.workdir, self.task, self.ckpt,
+                                          self.abstract, self.config.checkpoint.average_last,
+                                          self.writer)
+    except ConfigError as e:
+      self.progress.write(f"checkpoint averaging skipped: {e}")
+      return None
+    self.progress.write(averaging.describe(result, self.task))
+    return result
+
+
+def _run(config, workdir: str, task: Task, guard, t0: float) -> dict[str, Any]:
+  """The run of :func:`train_and_evaluate`, in a locked workdir."""
+  abstract = abstract_state(task)
+  changes, previous_config = _prepare_workdir(config, workdir, task, abstract)
+  ckpt = _checkpointer(config, workdir)
+  state = _restore_or_init(task, ckpt, abstract, workdir)
+  loop = _Loop(config, workdir, task, ckpt, state, abstract)
+  if changes:
+    loop.progress.write(
+        f"resuming {workdir} with settings that change the continuation (the result is the "
+        f"run of neither config alone; the earlier config is kept in {previous_config}):\n  "
+        + "\n  ".join(changes))
   try:
-    step = start_step
-    tick = time.perf_counter()
-    stopped = False   # by a signal on any process: all processes save the same step
-    while step < t.steps:
-      stopped = parallelism.any_process(guard.requested)
-      if stopped:
-        break
-      with_stats = stats_every > 0 and (step + 1) % stats_every == 0
-      if with_stats not in steps:
-        steps[with_stats] = make_train_step(task, layer_stats=True)
-      state, metrics = steps[with_stats](state, task.inputs(step))
-      if with_stats:
-        layer_stats_lib.write(writer, step + 1, metrics.pop("layer_stats"), call_order)
-      history.append(metrics)
-      step += 1
-      if step % t.log_every_steps == 0 or step == t.steps:
-        check_finite(step)
-        summary = _mean_metrics(history)
-        elapsed = time.perf_counter() - tick
-        train_time += elapsed
-        summary["steps_per_sec"] = len(history) / elapsed
-        rates = task.throughput(summary, summary["steps_per_sec"])
-        summary.update(rates)
-        writer.write(step, "train", summary)
-        progress.update(step, rates, loss=f"{summary['loss']:.3f}")
-        history, tick = [], time.perf_counter()
-      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < t.steps:
-        run_eval(step)
-      if ckpt.should_save(step):
-        check_finite(step)
-        save(step)
-    if stopped:
-      check_finite(step)
-      save(step, force=True)
-      status = "interrupted" if guard.signal == "SIGINT" else "preempted"
-      progress.write(f"{guard.signal or 'signal'} received: saved the checkpoint of step "
-                     f"{step}; rerun the same command to resume")
-    else:
-      check_finite(step)
-      run_eval(step)
-      save(step, force=True)
-    ckpt.wait()
-    if not stopped and config.checkpoint.average_last:
-      average = _evaluate_average(config, workdir, task, ckpt, writer, progress)
-    writer.sync()
+    status = loop.run(guard)
+    loop.finish(status)
   except BaseException as e:
-    _close_after_failure(e, workdir, ckpt.close, progress.close, writer.close)
+    _close_after_failure(e, workdir, *loop.closers())
     raise
-  _close_all(ckpt.close, progress.close, writer.close)
-
+  _close_all(*loop.closers())
   return {
       "status": status,
-      "step": step,
-      "start_step": start_step,
-      "eval": last_eval,
-      "eval_lines": _eval_lines(config, last_eval, workdir),   # the task's closing lines
-      "average": average,   # checkpoint.average_last: the averaged checkpoints' evaluation
-      "skipped_steps": int(parallelism.to_host(state.skipped_steps)),
-      "train_seconds": train_time,
+      "step": loop.step,
+      "start_step": loop.start_step,
+      "eval": loop.last_eval,
+      "eval_lines": _eval_lines(config, loop.last_eval, workdir),   # the task's lines
+      "average": loop.average,   # checkpoint.average_last: the averaged checkpoints' eval
+      "skipped_steps": int(parallelism.to_host(loop.state.skipped_steps)),
+      "train_seconds": loop.train_time,
       "total_seconds": time.perf_counter() - t0,
       "workdir": workdir,
-      "metrics": writer.path,
-      "layer_stats": storage.join(workdir, layer_stats_lib.FILENAME) if stats_every else None,
+      "metrics": loop.writer.path,
+      "layer_stats": (storage.join(workdir, layer_stats_lib.FILENAME) if loop.stats_every
+                      else None),
       "checkpoints": ckpt.directory,
       "resume_changes": changes,          # settings changed on resume (see resume_changes)
       "previous_config": previous_config,  # the config they replaced, kept
-      "state": state,
+      "state": loop.state,
   }

@@ -126,9 +126,13 @@ class Task:
 
   # -- model -----------------------------------------------------------------------------
   def model_for(self, axis_name: str | None):
-    """The model, with norms reducing over ``axis_name`` in a per-device program."""
-    ctx = models.norm_context(self.config, self.mesh.devices.size, axis_name)
-    return models.build_model(self.config, ctx, self.data)
+    """The model, with norms reducing over ``axis_name`` in a per-device program (built
+    once per axis name: flax modules are immutable)."""
+    cache = self.__dict__.setdefault("_models", {})
+    if axis_name not in cache:
+      ctx = models.norm_context(self.config, self.mesh.devices.size, axis_name)
+      cache[axis_name] = models.build_model(self.config, ctx, self.data)
+    return cache[axis_name]
 
   @property
   def model(self):
@@ -195,4 +199,5 @@ class Task:
 
   @staticmethod
   def describe(ev: dict) -> str:
+    """One line for an evaluation (progress output, checkpoint averages)."""
     raise NotImplementedError
