@@ -80,6 +80,8 @@ def register_model(name: str, doc: str, family_info: ModelFamily):
   registered = MODELS.register(name, doc, info=family_info)
 
   def decorator(build):
+    if name in MODELS.names():   # before the schema changes
+      raise ValueError(f"model {name!r} is registered twice")
     config_lib.SCHEMA.add("model", family_info.schema, owner=f"model {name}")
     return registered(build)
   return decorator

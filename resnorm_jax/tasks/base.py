@@ -91,6 +91,8 @@ def register_task(name: str, doc: str, info: TaskInfo):
   registered = TASKS.register(name, doc, info=info)
 
   def decorator(task_class):
+    if name in TASKS.names():   # before the schema changes
+      raise ValueError(f"task {name!r} is registered twice")
     owner = f"task {name}"
     published = {} if config_lib.SCHEMA.get("published", info.headline.key) else {
         info.headline.key: config_lib.Key(None, config_lib.NEUTRAL,
