@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnorm_jax import cpu_workarounds
+from resnorm_jax import config as config_lib, cpu_workarounds
 from resnorm_jax.errors import ConfigError
 
 
@@ -54,10 +54,7 @@ def require_float(config, key: str, minimum: float = 0.0, strict: bool = True) -
 
 
 def require_choice(value, choices: Sequence[str], key: str) -> str:
-  if value not in choices:
-    hint = difflib.get_close_matches(str(value), list(choices), n=1)
-    did = f" (did you mean {hint[0]!r}?)" if hint else ""
-    raise ConfigError(f"{key}={value!r} is not valid{did}; valid choices: {', '.join(choices)}")
+  config_lib.choice(value, choices, key)
   return value
 
 
