@@ -2,13 +2,16 @@
 
 from resnorm_jax.layers.conv import Conv, he_normal, standardize_weight
 from resnorm_jax.layers.norms import (BN_SYNC_MODES, NORMS, BatchNorm, NormContext,
-                                      SampleNorm, SwitchableNorm, batch_moments,
-                                      bn_sync_group_size, make_norm, uses_batch_stats)
+                                      NormFactory, SampleKind, SampleNorm, SwitchableNorm,
+                                      batch_moments, bn_sync_group_size, make_norm,
+                                      norm_factory, uses_batch_stats)
 from resnorm_jax.registry import ConfigError, Registry, split_spec
 from resnorm_jax.layers.residual import (COMBINATORS, LAMBDA_COMBINATORS, SHORTCUTS,
                                          UNIT_ORDERINGS, ConvUnit, DepthInfo, Shortcut,
-                                         SkipCombinator, UnitOrdering, deepnorm_constants,
-                                         make_combinator, make_shortcut)
+                                         ShortcutSpec, SkipCombinator, SkipSpec, UnitOrdering,
+                                         UnitVariant, conv_unit, deepnorm_constants,
+                                         make_combinator, make_shortcut, resolve_combinator,
+                                         resolve_unit)
 
 REGISTRIES = (NORMS, UNIT_ORDERINGS, SHORTCUTS, COMBINATORS)
 
