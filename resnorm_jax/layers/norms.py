@@ -1,4 +1,5 @@
-"""Normalization layers and their registry (SPEC.md section 1).
+"""Normalization layers, their registry, and the :class:`NormFactory` into which a model
+resolves its norm once (SPEC.md section 1).
 
 All norms are Flax Linen modules with one call signature, ``norm(x, train=..., mask=None)``,
 and accept NHWC images ``(B, H, W, C)``, token sequences ``(B, T, D)`` with an optional

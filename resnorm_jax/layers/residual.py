@@ -10,7 +10,11 @@ Three registries compose into every residual design of the seeds:
 * ``UNIT_ORDERINGS`` place norms, ReLUs and convolutions inside a conv unit's branch and
   after the addition (He et al. 2016, Fig. 4 (a)-(e), plus ``plain``).
 
-:class:`ConvUnit` composes the three: ``y = after_add(combinator(x, branch, shortcut))``.
+Each registry resolves a spec once, into a frozen value (:class:`ShortcutSpec`,
+:class:`SkipSpec`, :class:`UnitOrdering`); a :class:`UnitVariant` bundles them with the
+norm's :class:`~resnorm_jax.layers.norms.NormFactory`, and :class:`ConvUnit` composes
+them: ``y = after_add(combinator(x, branch, shortcut))``.  Modules receive these values and
+never see a variant's name.
 """
 
 from __future__ import annotations

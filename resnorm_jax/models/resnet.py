@@ -3,8 +3,9 @@
 Depth 6n+2 with basic units (20, 32, 44, 56, 110, 1202) or 9n+2 with bottleneck units (164,
 1001); three stages of n units with widths 16/32/64 (x4 outputs for bottleneck units), the
 first unit of stages 2 and 3 downsampling by 2 with a 1x1 projection shortcut.  Any norm,
-unit ordering, shortcut and skip combinator of the registries plugs in; the stem and head
-follow the ordering (``UnitOrdering.stem`` / ``head``).
+unit ordering, shortcut and skip combinator of the registries plugs in, resolved once by
+the family's builder (:func:`cifar_resnet`); the stem and head follow the ordering
+(``UnitOrdering.stem`` / ``head``).
 """
 
 from __future__ import annotations
