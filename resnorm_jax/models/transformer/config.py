@@ -136,7 +136,7 @@ def transformer_preset(name: str, vocab_size: int, **overrides) -> TransformerCo
   if name not in PRESETS:
     raise ConfigError(f"unknown transformer preset {name!r}; valid choices: "
                       f"{', '.join(PRESETS)}")
-  fields = {f.name for f in dataclasses.fields(TransformerConfig)} - {"vocab_size"}
+  fields = {f.name for f in dataclasses.fields(TransformerConfig) if f.init} - {"vocab_size"}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ConfigError(f"unknown TransformerConfig field(s) {unknown}; valid fields: "
