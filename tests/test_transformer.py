@@ -69,7 +69,7 @@ def test_presets_and_config_errors():
   assert (big.d_model, big.num_heads, big.d_ff, big.dropout_rate) == (1024, 16, 4096, 0.3)
   iwslt = transformer_preset("iwslt", 8000)
   assert (iwslt.d_model, iwslt.num_heads, iwslt.d_ff, iwslt.dropout_rate) == (512, 4, 1024, 0.3)
-  assert base.skip == "post_ln" and base.share_embeddings and base.tie_output
+  assert base.skip.text == "post_ln" and base.share_embeddings and base.tie_output
   assert transformer_preset("tiny", 11, skip="pre_ln").skip.text == "pre_ln"
   assert list(PRESETS) == ["base", "big", "iwslt", "tiny"]
   with pytest.raises(ConfigError, match="valid choices: base, big, iwslt, tiny"):
