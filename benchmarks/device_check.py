@@ -274,7 +274,7 @@ def numerics_skip(scale) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from resnorm_jax.layers.residual import UNIT_ORDERINGS, ConvUnit
+  from resnorm_jax.layers.residual import UNIT_ORDERINGS, conv_unit
   from resnorm_jax.models.transformer import Transformer, shift_right, transformer_preset
 
   width = SCALES[scale]["numerics_width"]
@@ -285,7 +285,7 @@ def numerics_skip(scale) -> dict:
   for ordering in UNIT_ORDERINGS.names():
     residual = UNIT_ORDERINGS.build(ordering).residual
     for skip, lam in (CONV_COMBINATORS if residual else [("skip", None)]):
-      unit = ConvUnit(width, ordering=ordering, norm="batch", skip=skip, skip_lambda=lam)
+      unit = conv_unit(width, ordering=ordering, norm="batch", skip=skip, skip_lambda=lam)
       variables = unit.init(jax.random.key(0), x, train=True)
 
       def loss(params, x, unit=unit, variables=variables):

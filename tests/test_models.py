@@ -12,7 +12,7 @@ from resnorm_jax import config as config_lib, summary
 from resnorm_jax import validation
 from resnorm_jax.layers import NORMS, UNIT_ORDERINGS, NormContext
 from resnorm_jax.errors import ConfigError
-from resnorm_jax.models.resnet import CifarResNet, resolve_block
+from resnorm_jax.models.resnet import CifarResNet, cifar_resnet, resolve_block
 from helpers import assert_trees_close_to_rounding
 
 IMAGES = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
@@ -66,7 +66,7 @@ def test_one_step_gradient_is_finite_for_every_unit_and_norm(unit):
   assert {s.split(":")[0] for s in NORM_SPECS} == set(NORMS.names())
   labels = jnp.arange(4) % 10
   for norm in NORM_SPECS:
-    model = CifarResNet(depth=8, width=4, unit=unit, norm=norm)
+    model = cifar_resnet(8, width=4, unit=unit, norm=norm)
     variables = model.init(jax.random.key(0), IMAGES, train=False)
 
     def loss(params):
@@ -87,7 +87,7 @@ def test_one_step_gradient_is_finite_for_every_unit_and_norm(unit):
     dict(shortcut="conv1x1"), dict(weight_standardization=True, norm="group:2"),
     dict(unit="original", shortcut="constant:0.5,1")])
 def test_combinators_and_shortcuts_plug_into_the_resnet(variant):
-  model = CifarResNet(depth=8, width=4, **variant)
+  model = cifar_resnet(8, width=4, **variant)
   variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, IMAGES,
                          train=False)
   logits, _ = model.apply(variables, IMAGES, train=True, mutable=["batch_stats"])
@@ -104,8 +104,8 @@ def _stack_units(params, n):
 
 
 def test_scanned_stages_compute_the_same_function():
-  unrolled = CifarResNet(depth=20, width=4, norm="layer")
-  scanned = CifarResNet(depth=20, width=4, norm="layer", scan_stages=True, remat=True)
+  unrolled = cifar_resnet(20, width=4, norm="layer")
+  scanned = cifar_resnet(20, width=4, norm="layer", scan_stages=True, remat=True)
   variables = unrolled.init(jax.random.key(0), IMAGES, train=False)
   stacked = {"params": _stack_units(variables["params"], 3)}
   chex.assert_trees_all_equal_shapes(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from resnorm_jax.layers import (COMBINATORS, REGISTRIES, SHORTCUTS, UNIT_ORDERINGS, ConfigError,
-                                ConvUnit, DepthInfo, deepnorm_constants,
+                                ConvUnit, DepthInfo, conv_unit, deepnorm_constants,
                                 make_combinator)
 
 EPS = 1e-5
@@ -144,7 +144,7 @@ def apply_unit(unit, variables, x, *, train=True, rngs=None):
 @pytest.mark.parametrize("ordering", ORDERINGS)
 def test_unit_ordering_formula(ordering, norm, bottleneck):
   x = random_x((2, 4, 4, 8))
-  unit = ConvUnit(8, bottleneck=bottleneck, ordering=ordering, norm=norm)
+  unit = conv_unit(8, bottleneck=bottleneck, ordering=ordering, norm=norm)
   variables = init_unit(unit, x)
   p = variables["params"]
   kernels = sorted(k for k in p if k.startswith("conv_"))
@@ -175,7 +175,7 @@ def original_branch(p, x):
                                       ("constant:2,0.25", 2.0, 0.25)])
 def test_constant_and_identity_shortcuts(spec, a, b):
   x = random_x((2, 4, 4, 8))
-  unit = ConvUnit(8, ordering="original", norm="layer", shortcut=spec)
+  unit = conv_unit(8, ordering="original", norm="layer", shortcut=spec)
   variables = init_unit(unit, x)
   p = variables["params"]
   y = apply_unit(unit, variables, x)
@@ -185,7 +185,7 @@ def test_constant_and_identity_shortcuts(spec, a, b):
 @pytest.mark.parametrize("kind", ["exclusive_gate", "shortcut_gate"])
 def test_gated_shortcuts(kind):
   x = random_x((2, 4, 4, 8))
-  unit = ConvUnit(8, ordering="original", norm="layer", shortcut=kind)
+  unit = conv_unit(8, ordering="original", norm="layer", shortcut=kind)
   variables = init_unit(unit, x)
   gate = variables["params"]["shortcut"]["gate"]
   np.testing.assert_array_equal(gate["bias"], np.full(8, -6.0))  # b_g init -6
@@ -200,7 +200,7 @@ def test_gated_shortcuts(kind):
 
 def test_gate_bias_argument():
   x = random_x((2, 4, 4, 8))
-  unit = ConvUnit(8, ordering="original", norm="layer", shortcut="exclusive_gate:-2")
+  unit = conv_unit(8, ordering="original", norm="layer", shortcut="exclusive_gate:-2")
   variables = unit.init(jax.random.key(0), x)
   np.testing.assert_array_equal(variables["params"]["shortcut"]["gate"]["bias"],
                                 np.full(8, -2.0))
@@ -208,7 +208,7 @@ def test_gate_bias_argument():
 
 def test_conv1x1_shortcut():
   x = random_x((2, 4, 4, 8))
-  unit = ConvUnit(8, ordering="original", norm="layer", shortcut="conv1x1")
+  unit = conv_unit(8, ordering="original", norm="layer", shortcut="conv1x1")
   variables = init_unit(unit, x)
   p = variables["params"]
   w = p["shortcut"]["projection"]["kernel"]
@@ -219,7 +219,7 @@ def test_conv1x1_shortcut():
 
 def test_dropout_shortcut_train_vs_eval():
   x = random_x((4, 4, 4, 8))
-  unit = ConvUnit(8, ordering="full_preact", norm="layer", shortcut="dropout")
+  unit = conv_unit(8, ordering="full_preact", norm="layer", shortcut="dropout")
   variables = init_unit(unit, x)
   p = variables["params"]
   x64 = np.asarray(x, np.float64)
@@ -241,7 +241,7 @@ def test_dropout_shortcut_train_vs_eval():
 @pytest.mark.parametrize("ordering", ["original", "relu_preact", "full_preact"])
 def test_projection_shortcut(ordering, strides, features):
   x = random_x((2, 4, 4, 8))
-  unit = ConvUnit(features, strides=strides, ordering=ordering, norm="layer")
+  unit = conv_unit(features, strides=strides, ordering=ordering, norm="layer")
   variables = init_unit(unit, x)
   p = variables["params"]
   w = p["shortcut"]["projection"]["kernel"]
@@ -267,7 +267,7 @@ def test_projection_shortcut(ordering, strides, features):
 
 def test_unit_with_xskip_combinator():
   x = random_x((2, 4, 4, 8))
-  unit = ConvUnit(8, ordering="full_preact", norm="layer", skip="xskip", skip_lambda=2.0)
+  unit = conv_unit(8, ordering="full_preact", norm="layer", skip="xskip", skip_lambda=2.0)
   variables = init_unit(unit, x)
   x64 = np.asarray(x, np.float64)
   f = ref_unit("full_preact", variables["params"], x, "layer", bottleneck=False) - x64
@@ -439,8 +439,8 @@ def test_deepnorm_scales_unit_branch_init():
   x = random_x((2, 4, 4, 8))
   depth = DepthInfo("encoder_only", 50)
   _, beta = deepnorm_constants(depth)
-  plain = ConvUnit(8, ordering="full_preact", norm="layer", skip="skip")
-  deep = ConvUnit(8, ordering="full_preact", norm="layer", skip="deepnorm", depth=depth)
+  plain = conv_unit(8, ordering="full_preact", norm="layer", skip="skip")
+  deep = conv_unit(8, ordering="full_preact", norm="layer", skip="deepnorm", depth=depth)
   k_plain = plain.init(jax.random.key(0), x)["params"]["conv_0"]["kernel"]
   k_deep = deep.init(jax.random.key(0), x)["params"]["conv_0"]["kernel"]
   np.testing.assert_allclose(k_deep, beta * np.asarray(k_plain), rtol=1e-5, atol=1e-7)
@@ -530,10 +530,10 @@ def test_readme_lists_every_registry_name():
                                         ("xskip_ln:2", "post_norm"), ("rskip_ln:2", "post_norm"),
                                         ("deepnorm", "post_norm")])
 def test_layer_norm_of_ln_combinators_can_be_replaced(spec, field):
-  assert getattr(make_combinator(spec), field) == "layer"
-  assert getattr(make_combinator(spec, layer_norm="rms"), field) == "rms"
+  assert getattr(make_combinator(spec), field).spec.name == "layer"
+  assert getattr(make_combinator(spec, layer_norm="rms"), field).spec.name == "rms"
   # BatchNorm variants keep their BatchNorm.
-  assert make_combinator("rskip_bn:2", layer_norm="rms").post_norm == "batch"
+  assert make_combinator("rskip_bn:2", layer_norm="rms").post_norm.spec.name == "batch"
 
 
 # ----------------------------------------------------------------------------------------

@@ -69,8 +69,8 @@ def test_presets_and_config_errors():
   assert (big.d_model, big.num_heads, big.d_ff, big.dropout_rate) == (1024, 16, 4096, 0.3)
   iwslt = transformer_preset("iwslt", 8000)
   assert (iwslt.d_model, iwslt.num_heads, iwslt.d_ff, iwslt.dropout_rate) == (512, 4, 1024, 0.3)
-  assert base.skip == "post_ln" and base.share_embeddings and base.tie_output
-  assert transformer_preset("tiny", 11, skip="pre_ln").skip == "pre_ln"
+  assert base.skip.text == "post_ln" and base.share_embeddings and base.tie_output
+  assert transformer_preset("tiny", 11, skip="pre_ln").skip.text == "pre_ln"
   assert list(PRESETS) == ["base", "big", "iwslt", "tiny"]
   with pytest.raises(ConfigError, match="valid choices: base, big, iwslt, tiny"):
     transformer_preset("huge", 100)
@@ -527,7 +527,8 @@ def test_transformer_loss_sum_chunks_large_batches_and_matches_the_logits(monkey
   """Transformer.loss_sum: the same loss and parameter gradients as the cross entropy of
   __call__'s logits, here with the chunk budget lowered so that the tiny batch is chunked."""
   from resnorm_jax.models import transformer as transformer_lib
-  monkeypatch.setattr(transformer_lib, "LOSS_CHUNK_BYTES", 4 * 11 * 3 * 2)
+  from resnorm_jax.models.transformer import losses
+  monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", 4 * 11 * 3 * 2)
   model = Transformer(tiny(dropout_rate=0.0))
   rng = np.random.default_rng(1)
   src = jnp.asarray(rng.integers(3, 11, (3, 6)), jnp.int32)

@@ -221,11 +221,11 @@ def test_three_execution_styles_agree_on_a_translation_step(tmp_path, skip, pack
 @pytest.mark.slow
 def test_chunked_loss_steps_equal_the_unchunked_ones_in_every_style(tmp_path, monkeypatch):
   """With the loss chunk budget lowered so that every toy batch is chunked
-  (models/transformer.py:chunked_cross_entropy), the jit and shard_map steps on 8 devices
+  (models/transformer/losses.py:chunked_cross_entropy), the jit and shard_map steps on 8 devices
   give the unchunked jit step's state."""
-  from resnorm_jax.models import transformer as transformer_lib
+  from resnorm_jax.models.transformer import losses
   (reference, loss), = [run_translation_steps(tmp_path / "whole", "jit", "post_ln")]
-  monkeypatch.setattr(transformer_lib, "LOSS_CHUNK_BYTES", 4096)
+  monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", 4096)
   for mode in ("jit", "shard_map"):
     state, chunked_loss = run_translation_steps(tmp_path / mode, mode, "post_ln")
     np.testing.assert_allclose(chunked_loss, loss, rtol=reordering_tolerance(2 * 256))

@@ -40,7 +40,7 @@ import numpy as np
 
 from resnorm_jax.analysis import common, stats
 from resnorm_jax.layers import (COMBINATORS, NORMS, UNIT_ORDERINGS, ConvUnit, DepthInfo,
-                                NormContext, make_combinator)
+                                NormContext, conv_unit, make_combinator)
 from resnorm_jax.errors import ConfigError
 
 
@@ -125,7 +125,7 @@ def _rngs(key):
 
 def _conv_unit(spec: str, config) -> ConvUnit:
   conv = config.conv
-  return ConvUnit(features=conv.width, ordering=conv.ordering, norm=conv.norm, skip=spec,
+  return conv_unit(conv.width, ordering=conv.ordering, norm=conv.norm, skip=spec,
                   ctx=NormContext(momentum=0.0), depth=DepthInfo("encoder_only", conv.units))
 
 

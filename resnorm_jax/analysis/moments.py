@@ -75,7 +75,7 @@ from jax import lax
 from resnorm_jax import cpu_workarounds, data as data_lib
 from resnorm_jax.analysis import common, stats
 from resnorm_jax.layers import (COMBINATORS, NORMS, SHORTCUTS, UNIT_ORDERINGS, Conv,
-                                ConvUnit, DepthInfo, NormContext)
+                                ConvUnit, DepthInfo, NormContext, conv_unit)
 from resnorm_jax.errors import ConfigError
 
 BN_TANGENTS = ("exact", "frozen")
@@ -182,7 +182,7 @@ def num_units(variant: StackVariant, config) -> int:
 def build_unit(variant: StackVariant, width: int, units: int) -> ConvUnit:
   """The training code's unit; BN momentum 0 so a train-mode pass stores the batch
   statistics themselves (used by ``bn_tangent='frozen'``)."""
-  return ConvUnit(features=width, ordering=variant.ordering, norm=variant.norm,
+  return conv_unit(width, ordering=variant.ordering, norm=variant.norm,
                   skip=variant.skip, shortcut=variant.shortcut,
                   ctx=NormContext(momentum=0.0), depth=DepthInfo("encoder_only", units))
 

@@ -1,4 +1,5 @@
-"""Normalization layers and their registry (SPEC.md section 1).
+"""Normalization layers, their registry, and the :class:`NormFactory` into which a model
+resolves its norm once (SPEC.md section 1).
 
 All norms are Flax Linen modules with one call signature, ``norm(x, train=..., mask=None)``,
 and accept NHWC images ``(B, H, W, C)``, token sequences ``(B, T, D)`` with an optional
@@ -30,6 +31,7 @@ over groups of each group's batch statistics, identical on every replica.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 from typing import Callable, Sequence
 
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnorm_jax.registry import ConfigError, Registry, parse_number
+from resnorm_jax.registry import ConfigError, Registry, Spec, parse_number
 
 Array = jax.Array
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +75,12 @@ class NormContext:
   num_replicas: int = 1
   momentum: float = 0.9
   epsilon: float = 1e-5
+  # Number of consecutive replicas whose samples share BatchNorm statistics: ``bn_sync``
+  # parsed once, here (a function of the fields above, so not part of equality or hash).
+  group_size: int = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
-    self.group_size  # validates
-
-  @property
-  def group_size(self) -> int:
-    """Number of consecutive replicas whose samples share BatchNorm statistics."""
-    return bn_sync_group_size(self.bn_sync, self.num_replicas)
+    object.__setattr__(self, "group_size", bn_sync_group_size(self.bn_sync, self.num_replicas))
 
   @property
   def num_stat_groups(self) -> int:
@@ -328,8 +328,16 @@ class BatchNorm(nn.Module):
     return normalize_affine(x, mean, var, scale, bias, self.ctx.epsilon).astype(x.dtype)
 
 
+class SampleKind(enum.Enum):
+  """The statistics of a :class:`SampleNorm`, chosen by the registry entry that builds it."""
+  LAYER = "layer"
+  RMS = "rms"
+  INSTANCE = "instance"
+  GROUP = "group"
+
+
 class SampleNorm(nn.Module):
-  """Per-sample normalization over ``kind``-dependent axes.
+  """Per-sample normalization over ``kind``-dependent axes (a :class:`SampleKind`).
 
   * ``layer``: y = γ (x − μ) / sqrt(σ² + ε) + β with μ, σ² over H, W, C of each image or D
     of each token (Ba et al. 2016); ``per_position=True`` uses C only (per pixel).
@@ -340,7 +348,7 @@ class SampleNorm(nn.Module):
   * ``group``: per sample over H, W and the C/G channels of each of G groups (Wu & He
     2018); for sequences per token over D/G.
   """
-  kind: str
+  kind: SampleKind
   groups: int = 1
   per_position: bool = False
   epsilon: float = 1e-5
@@ -350,7 +358,7 @@ class SampleNorm(nn.Module):
   def __call__(self, x, *, train: bool = False, mask=None):
     del train
     c = x.shape[-1]
-    if self.kind == "group":
+    if self.kind is SampleKind.GROUP:
       if c % self.groups:
         raise ConfigError(
             f"norm 'group:{self.groups}': G={self.groups} must divide the {c} channels; "
@@ -359,19 +367,19 @@ class SampleNorm(nn.Module):
       axes = (tuple(range(1, x.ndim - 1)) if x.ndim == 4 else ()) + (xg.ndim - 1,)
       mean, var = moments(xg, axes)
       y = _normalize(xg, mean, var, self.epsilon).reshape(x.shape)
-    elif self.kind == "instance":
+    elif self.kind is SampleKind.INSTANCE:
       _require_spatial_axes("instance", x)
       mean, var = moments(x, spatial_axes(x), mask)
       y = _normalize(x, mean, var, self.epsilon)
     else:
       axes = (x.ndim - 1,) if self.per_position else sample_axes(x)
-      if self.kind == "rms":
+      if self.kind is SampleKind.RMS:
         ms = jnp.mean(jnp.square(x.astype(jnp.float32)), axes, keepdims=True)
         y = x.astype(jnp.float32) * lax.rsqrt(ms + self.epsilon)
       else:
         mean, var = moments(x, axes)
         y = _normalize(x, mean, var, self.epsilon)
-    y = _affine(self, y, c, True, self.kind != "rms", self.scale_init)
+    y = _affine(self, y, c, True, self.kind is not SampleKind.RMS, self.scale_init)
     return y.astype(x.dtype)
 
 
@@ -430,10 +438,12 @@ def _register_per_sample(kind: str, doc: str):
       raise ConfigError(f"valid arguments: none (all of H,W,C) or 'c', got {arg!r}")
     return arg == "c"
 
+  sample_kind = SampleKind(kind)
+
   @NORMS.register(kind, doc, arg_doc="`c` = over channels only, per pixel",
                   parse=per_position, info=NormInfo(sequences=True))
   def build(per_position, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
-    return SampleNorm(kind, per_position=per_position, epsilon=ctx.epsilon,
+    return SampleNorm(sample_kind, per_position=per_position, epsilon=ctx.epsilon,
                       scale_init=scale_init, name=name)
 
 
@@ -443,7 +453,7 @@ _register_per_sample("layer", "LayerNorm per sample over (H,W,C) of an image / D
 @NORMS.register("instance", "InstanceNorm per sample and channel over (H,W) / real tokens T",
                 info=NormInfo(sequences=False))
 def _instance(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
-  return SampleNorm("instance", epsilon=ctx.epsilon, scale_init=scale_init, name=name)
+  return SampleNorm(SampleKind.INSTANCE, epsilon=ctx.epsilon, scale_init=scale_init, name=name)
 
 
 @NORMS.register("group", "GroupNorm per sample over (H,W) and C/G channels of each group",
@@ -452,7 +462,7 @@ def _instance(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None)
                     arg, "G", kind=int, minimum=1),
                 info=NormInfo(sequences=True))
 def _group(groups, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
-  return SampleNorm("group", groups=groups, epsilon=ctx.epsilon, scale_init=scale_init,
+  return SampleNorm(SampleKind.GROUP, groups=groups, epsilon=ctx.epsilon, scale_init=scale_init,
                     name=name)
 
 
@@ -471,8 +481,40 @@ def _none(arg, ctx=_DEFAULT_CTX, scale_init=nn.initializers.ones, name=None):
   return Identity(name=name)
 
 
+@dataclasses.dataclass(frozen=True)
+class NormFactory:
+  """A norm resolved once: its parsed spec and its context.  Modules receive one and call
+  it for each norm they place, ``factory(name=..., scale_init=...)``; hashable, so it can
+  be a field of a Flax module or of a frozen spec."""
+  spec: Spec
+  ctx: NormContext = _DEFAULT_CTX
+
+  def __call__(self, *, name: str | None = None,
+               scale_init: Callable = nn.initializers.ones) -> nn.Module:
+    return self.spec.entry.build(self.spec.arg, ctx=self.ctx, scale_init=scale_init,
+                                 name=name)
+
+  def __repr__(self):
+    return f"NormFactory({self.spec.text!r}, {self.ctx!r})"
+
+  @property
+  def channel_groups(self) -> int:
+    """The number of groups the norm splits the channels into (GroupNorm's G, 1 for the
+    other norms): every channel count it sees must be a multiple of it."""
+    norm = self()
+    return norm.groups if isinstance(norm, SampleNorm) else 1
+
+
+def norm_factory(spec: str | Spec, ctx: NormContext = _DEFAULT_CTX) -> NormFactory:
+  """The :class:`NormFactory` of ``spec`` (e.g. ``"batch"``, ``"group:32"``) under ``ctx``;
+  ConfigError for an unknown name or a bad argument."""
+  return NormFactory(NORMS.parse(spec), ctx)
+
+
 def make_norm(spec, ctx: NormContext = _DEFAULT_CTX, *,
               scale_init: Callable = nn.initializers.ones, name: str | None = None) -> nn.Module:
   """Builds the norm named by ``spec`` (e.g. ``"batch"``, ``"group:32"``, or a
-  :class:`resnorm_jax.registry.Spec` parsed once by the model)."""
-  return NORMS.build(spec, ctx=ctx, scale_init=scale_init, name=name)
+  :class:`resnorm_jax.registry.Spec`) once, outside a model (a model resolves its norm
+  into a :class:`NormFactory` instead)."""
+  return norm_factory(spec, ctx)(name=name, scale_init=scale_init)
+

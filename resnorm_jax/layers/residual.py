@@ -10,7 +10,11 @@ Three registries compose into every residual design of the seeds:
 * ``UNIT_ORDERINGS`` place norms, ReLUs and convolutions inside a conv unit's branch and
   after the addition (He et al. 2016, Fig. 4 (a)-(e), plus ``plain``).
 
-:class:`ConvUnit` composes the three: ``y = after_add(combinator(x, branch, shortcut))``.
+Each registry resolves a spec once, into a frozen value (:class:`ShortcutSpec`,
+:class:`SkipSpec`, :class:`UnitOrdering`); a :class:`UnitVariant` bundles them with the
+norm's :class:`~resnorm_jax.layers.norms.NormFactory`, and :class:`ConvUnit` composes
+them: ``y = after_add(combinator(x, branch, shortcut))``.  Modules receive these values and
+never see a variant's name.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 
 from resnorm_jax import cpu_workarounds
 from resnorm_jax.layers.conv import Conv, he_normal
-from resnorm_jax.layers.norms import NormContext, make_norm
+from resnorm_jax.layers.norms import NormContext, NormFactory, norm_factory
 from resnorm_jax.layers.taps import tap
 from resnorm_jax.registry import ConfigError, Registry, parse_number
 
@@ -36,6 +40,24 @@ _DEFAULT_CTX = NormContext()
 # ----------------------------------------------------------------------------------------
 # Shortcuts.
 # ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShortcutSpec:
+  """A shortcut variant resolved once by its registry entry (what :class:`Shortcut` does).
+
+  ``project``: a 1x1 convolution on every unit, not only where the shape changes;
+  ``gate``: s = (1 − g)·x with a learned gate g (bias init ``gate_bias_init``), and also
+  f = g·F(x) when ``gate_branch``; ``dropout_rate``: s = dropout(x) in training; otherwise
+  s = ``x_scale``·x and f = ``f_scale``·F(x).
+  """
+  x_scale: float = 1.0
+  f_scale: float = 1.0
+  project: bool = False
+  gate: bool = False
+  gate_branch: bool = False
+  gate_bias_init: float = -6.0
+  dropout_rate: float | None = None
+
+
 class Shortcut(nn.Module):
   """Returns the two terms ``(s, f)`` that a combinator adds: s from x, f from F(x).
 
@@ -44,33 +66,30 @@ class Shortcut(nn.Module):
   projects every shortcut.  Gates are g = sigmoid(W_g x + b_g) from a 1x1 convolution (a
   Dense layer over channels, so sequences work too) of the (projected) shortcut input.
   """
-  kind: str = "identity"
+  spec: ShortcutSpec = ShortcutSpec()
   features: int | None = None  # channels of F(x); None = same as x
   strides: int = 1
-  x_scale: float = 1.0
-  f_scale: float = 1.0
-  gate_bias_init: float = -6.0
-  dropout_rate: float = 0.5
   weight_standardization: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, fx, *, train: bool = False):
+    spec = self.spec
     features = self.features or x.shape[-1]
-    if self.kind == "conv1x1" or self.strides != 1 or features != x.shape[-1]:
+    if spec.project or self.strides != 1 or features != x.shape[-1]:
       if x.ndim != 4:
         raise ValueError(f"a projection shortcut needs NHWC input, got shape {x.shape}")
       x = Conv(features, 1, self.strides, weight_standardization=self.weight_standardization,
                dtype=self.dtype, name="projection")(x)
-    if self.kind in ("exclusive_gate", "shortcut_gate"):
+    if spec.gate:
       g = nn.sigmoid(nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32,
-                              bias_init=nn.initializers.constant(self.gate_bias_init),
+                              bias_init=nn.initializers.constant(spec.gate_bias_init),
                               name="gate")(x))
-      fx = g * fx if self.kind == "exclusive_gate" else fx
+      fx = g * fx if spec.gate_branch else fx
       return (1.0 - g) * x, fx
-    if self.kind == "dropout":
-      return nn.Dropout(self.dropout_rate)(x, deterministic=not train), fx
-    return self.x_scale * x, self.f_scale * fx
+    if spec.dropout_rate is not None:
+      return nn.Dropout(spec.dropout_rate)(x, deterministic=not train), fx
+    return spec.x_scale * x, spec.f_scale * fx
 
 
 def _floats(arg: str, what: str, count: int) -> list[float]:
@@ -81,48 +100,50 @@ def _floats(arg: str, what: str, count: int) -> list[float]:
 
 
 @SHORTCUTS.register("identity", "s = x (projection 1x1 conv only where the shape changes)")
-def _identity(arg, **kw):
-  return Shortcut("identity", **kw)
+def _identity(arg) -> ShortcutSpec:
+  return ShortcutSpec()
 
 
 @SHORTCUTS.register("constant", "constant scaling: y = a·x + b·F(x)",
                     arg_doc="`a,b` (default 0.5,0.5; He 2016 also ran 0.5,1)")
-def _constant(arg, **kw):
+def _constant(arg) -> ShortcutSpec:
   a, b = (0.5, 0.5) if arg is None else _floats(arg, f"shortcut 'constant:{arg}'", 2)
-  return Shortcut("constant", x_scale=a, f_scale=b, **kw)
+  return ShortcutSpec(x_scale=a, f_scale=b)
 
 
 @SHORTCUTS.register("exclusive_gate", "y = (1−g)·x + g·F(x), g = sigmoid(1x1 conv(x) + b_g)",
                     arg_doc="b_g, the gate bias init (default -6)")
-def _exclusive_gate(arg, **kw):
+def _exclusive_gate(arg) -> ShortcutSpec:
   b = -6.0 if arg is None else parse_number(arg, f"shortcut 'exclusive_gate:{arg}': b_g")
-  return Shortcut("exclusive_gate", gate_bias_init=b, **kw)
+  return ShortcutSpec(gate=True, gate_branch=True, gate_bias_init=b)
 
 
 @SHORTCUTS.register("shortcut_gate", "shortcut-only gating: y = (1−g)·x + F(x)",
                     arg_doc="b_g, the gate bias init (default -6)")
-def _shortcut_gate(arg, **kw):
+def _shortcut_gate(arg) -> ShortcutSpec:
   b = -6.0 if arg is None else parse_number(arg, f"shortcut 'shortcut_gate:{arg}': b_g")
-  return Shortcut("shortcut_gate", gate_bias_init=b, **kw)
+  return ShortcutSpec(gate=True, gate_bias_init=b)
 
 
 @SHORTCUTS.register("conv1x1", "s = 1x1 conv(x) on every unit")
-def _conv1x1(arg, **kw):
-  return Shortcut("conv1x1", **kw)
+def _conv1x1(arg) -> ShortcutSpec:
+  return ShortcutSpec(project=True)
 
 
 @SHORTCUTS.register("dropout", "s = dropout(x) in training", arg_doc="p (default 0.5)")
-def _dropout(arg, **kw):
+def _dropout(arg) -> ShortcutSpec:
   p = 0.5 if arg is None else parse_number(arg, f"shortcut 'dropout:{arg}': p", minimum=0.0)
   if p >= 1.0:
     raise ConfigError(f"shortcut 'dropout:{arg}': p must be < 1")
-  return Shortcut("dropout", dropout_rate=p, **kw)
+  return ShortcutSpec(dropout_rate=p)
 
 
-def make_shortcut(spec: str, *, features=None, strides=1, weight_standardization=False,
-                  dtype=jnp.float32, name=None) -> Shortcut:
-  return SHORTCUTS.build(spec, features=features, strides=strides, dtype=dtype,
-                         weight_standardization=weight_standardization, name=name)
+def make_shortcut(spec: str | ShortcutSpec, *, features=None, strides=1,
+                  weight_standardization=False, dtype=jnp.float32, name=None) -> Shortcut:
+  """The :class:`Shortcut` of ``spec`` (a SHORTCUTS spec, or its resolved ShortcutSpec)."""
+  resolved = spec if isinstance(spec, ShortcutSpec) else SHORTCUTS.build(spec)
+  return Shortcut(resolved, features=features, strides=strides, dtype=dtype,
+                  weight_standardization=weight_standardization, name=name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -171,15 +192,15 @@ class SkipCombinator(nn.Module):
   ``post_ln``: LN(s + f); ``rezero``/``skipinit``: s + α f; ``deepnorm``: LN(α s + f).
   Each recursion step of rSkip has its own norm parameters (each step builds a different
   feature distribution, Liu et al. 2020).  ``init_scale`` is DeepNorm's β, read by model
-  builders to scale the branch's initialisation.
+  builders to scale the branch's initialisation.  The norms are resolved
+  :class:`~resnorm_jax.layers.norms.NormFactory` s (``None``: no norm there).
   """
   x_scale: float = 1.0
-  post_norm: str | None = None
+  post_norm: NormFactory | None = None
   repeats: int = 0
-  pre_norm: str | None = None
+  pre_norm: NormFactory | None = None
   branch_gain_init: float | None = None
   init_scale: float = 1.0
-  ctx: NormContext = _DEFAULT_CTX
   tap_output: bool = False   # the combinator is a residual unit of its model (layers/taps.py)
 
   @nn.compact
@@ -187,7 +208,7 @@ class SkipCombinator(nn.Module):
                shortcut: Callable | None = None):
     h = x
     if self.pre_norm is not None:
-      h = make_norm(self.pre_norm, self.ctx, name="pre_norm")(x, train=train, mask=mask)
+      h = self.pre_norm(name="pre_norm")(x, train=train, mask=mask)
     fx = branch(h)
     s, f = shortcut(x, fx) if shortcut is not None else (x, fx)
     if self.branch_gain_init is not None:
@@ -198,8 +219,39 @@ class SkipCombinator(nn.Module):
     for k in range(self.repeats):
       if k > 0:
         z = s + z
-      z = make_norm(self.post_norm, self.ctx, name=f"post_norm_{k}")(z, train=train, mask=mask)
+      z = self.post_norm(name=f"post_norm_{k}")(z, train=train, mask=mask)
     return tap(self, z) if self.tap_output else z
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipSpec:
+  """A combinator variant resolved once (λ, its norms, DeepNorm's constants): the fields
+  of a :class:`SkipCombinator`.  A model reads ``init_scale`` (β) and builds one
+  combinator per residual unit or sublayer with :meth:`build`."""
+  x_scale: float = 1.0
+  post_norm: NormFactory | None = None
+  repeats: int = 0
+  pre_norm: NormFactory | None = None
+  branch_gain_init: float | None = None
+  init_scale: float = 1.0
+
+  def build(self, name: str | None = None, *, tap_output: bool = False) -> SkipCombinator:
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return SkipCombinator(**fields, tap_output=tap_output, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Norm:
+  """Where a combinator's registration puts a norm: ``fixed`` (a NORMS spec, e.g. BN of
+  ``xskip_bn``), or ``None`` for the model's LayerNorm (``layer_norm`` of
+  :func:`resolve_combinator`, e.g. RMSNorm in an RMSNorm Transformer)."""
+  fixed: str | None = None
+
+  def resolve(self, layer_norm: NormFactory, ctx: NormContext) -> NormFactory:
+    return layer_norm if self.fixed is None else norm_factory(self.fixed, ctx)
+
+
+_LN, _BN = _Norm(), _Norm("batch")
 
 
 def _resolve_lambda(name: str, arg: str | None, lam, *, default, integer=False, minimum=0.0):
@@ -232,77 +284,88 @@ def _no_lambda(name, arg, lam):
 LAMBDA_COMBINATORS = ("xskip", "xskip_ln", "xskip_bn", "rskip_ln", "rskip_bn")
 
 
-def _register_lambda_combinator(name, doc, *, norm, recursive):
+def _register_lambda_combinator(name, doc, *, norm: _Norm | None, recursive):
   @COMBINATORS.register(name, doc, arg_doc="λ (or `model.skip_lambda`)" +
                         (", an integer >= 1" if recursive else ", a float >= 0"))
-  def build(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None, layer_norm="layer"):
+  def build(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, layer_norm=None) -> SkipSpec:
     del depth
-    value = _resolve_lambda(build.spec_name, arg, lam, default=1,
+    value = _resolve_lambda(name, arg, lam, default=1,
                             integer=recursive, minimum=1 if recursive else 0.0)
-    post = layer_norm if norm == "layer" else norm
+    post = None if norm is None else norm.resolve(_layer_norm(layer_norm, ctx), ctx)
     if recursive:
-      return SkipCombinator(post_norm=post, repeats=value, ctx=ctx, name=name)
-    return SkipCombinator(x_scale=value, post_norm=post, repeats=1 if norm else 0, ctx=ctx,
-                          name=name)
-  build.spec_name = name
-
-
-def _with_layer_norm(fields: dict, layer_norm: str) -> dict:
-  """Replaces the LayerNorm of an LN-based combinator by ``layer_norm`` (e.g. ``rms``)."""
-  return {k: (layer_norm if k in ("pre_norm", "post_norm") and v == "layer" else v)
-          for k, v in fields.items()}
+      return SkipSpec(post_norm=post, repeats=value)
+    return SkipSpec(x_scale=value, post_norm=post, repeats=1 if norm else 0)
 
 
 def _register_fixed_combinator(name, doc, **fields):
   @COMBINATORS.register(name, doc)
-  def build(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None, layer_norm="layer"):
+  def build(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, layer_norm=None) -> SkipSpec:
     del depth
-    _no_lambda(build.spec_name, arg, lam)
-    return SkipCombinator(ctx=ctx, name=name, **_with_layer_norm(fields, layer_norm))
-  build.spec_name = name
+    _no_lambda(name, arg, lam)
+    ln = _layer_norm(layer_norm, ctx)
+    return SkipSpec(**{k: (v.resolve(ln, ctx) if isinstance(v, _Norm) else v)
+                       for k, v in fields.items()})
+
+
+def _layer_norm(layer_norm: str | NormFactory | None, ctx: NormContext) -> NormFactory:
+  """The LayerNorm of LN-based combinators: ``layer_norm`` (a spec or a resolved factory),
+  LayerNorm itself by default."""
+  if isinstance(layer_norm, NormFactory):
+    return layer_norm
+  return norm_factory("layer" if layer_norm is None else layer_norm, ctx)
 
 
 _register_fixed_combinator("skip", "y = x + F(x)")
 _register_lambda_combinator("xskip", "y = λ·x + F(x), λ fixed", norm=None, recursive=False)
-_register_lambda_combinator("xskip_ln", "y = LN(λ·x + F(x))", norm="layer", recursive=False)
-_register_lambda_combinator("xskip_bn", "y = BN(λ·x + F(x))", norm="batch", recursive=False)
+_register_lambda_combinator("xskip_ln", "y = LN(λ·x + F(x))", norm=_LN, recursive=False)
+_register_lambda_combinator("xskip_bn", "y = BN(λ·x + F(x))", norm=_BN, recursive=False)
 _register_lambda_combinator("rskip_ln", "G_1 = LN(x + F(x)), G_k = LN(x + G_{k−1}), "
-                            "y = G_λ (λ=1: Post-LN)", norm="layer", recursive=True)
-_register_lambda_combinator("rskip_bn", "rskip_ln with BN in place of LN", norm="batch",
+                            "y = G_λ (λ=1: Post-LN)", norm=_LN, recursive=True)
+_register_lambda_combinator("rskip_bn", "rskip_ln with BN in place of LN", norm=_BN,
                             recursive=True)
-_register_fixed_combinator("pre_ln", "y = x + F(LN(x))", pre_norm="layer")
+_register_fixed_combinator("pre_ln", "y = x + F(LN(x))", pre_norm=_LN)
 _register_fixed_combinator("post_ln", "y = LN(x + F(x)) (Vaswani et al. 2017)",
-                           post_norm="layer", repeats=1)
+                           post_norm=_LN, repeats=1)
 _register_fixed_combinator("rezero", "y = x + α·F(x), α learned, init 0 (Bachlechner 2020)",
                            branch_gain_init=0.0)
 
 
 @COMBINATORS.register("skipinit", "y = x + α·F(x), α learned scalar on the branch (De & "
                       "Smith 2020)", arg_doc="α init (default 0)")
-def _skipinit(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None, layer_norm="layer"):
+def _skipinit(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, layer_norm=None) -> SkipSpec:
   if lam is not None:
     _no_lambda("skipinit", None, lam)
   a = 0.0 if arg is None else parse_number(arg, f"skip 'skipinit:{arg}': alpha init")
-  return SkipCombinator(branch_gain_init=a, ctx=ctx, name=name)
+  return SkipSpec(branch_gain_init=a)
 
 
 @COMBINATORS.register("deepnorm", "y = LN(α·x + F(x)), α and branch init gain β from the "
                       "depth (DeepNet, Wang 2022)")
-def _deepnorm(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, name=None, layer_norm="layer"):
+def _deepnorm(arg, lam=None, ctx=_DEFAULT_CTX, depth=None, layer_norm=None) -> SkipSpec:
   _no_lambda("deepnorm", arg, lam)
   alpha, beta = deepnorm_constants(depth or DepthInfo())
-  return SkipCombinator(x_scale=alpha, post_norm=layer_norm, repeats=1, init_scale=beta,
-                        ctx=ctx, name=name)
+  return SkipSpec(x_scale=alpha, post_norm=_layer_norm(layer_norm, ctx), repeats=1,
+                  init_scale=beta)
 
 
-def make_combinator(spec: str, *, lam=None, ctx: NormContext = _DEFAULT_CTX,
+def resolve_combinator(spec, *, lam=None, ctx: NormContext = _DEFAULT_CTX,
+                       depth: DepthInfo | None = None,
+                       layer_norm: str | NormFactory | None = None) -> SkipSpec:
+  """The :class:`SkipSpec` of the combinator ``spec`` (a COMBINATORS spec or its parsed
+  :class:`~resnorm_jax.registry.Spec`).  ``layer_norm`` is the norm (a spec, or a resolved
+  factory) that LN-based combinators (``pre_ln``, ``post_ln``, ``xskip_ln``, ``rskip_ln``,
+  ``deepnorm``) use in place of LayerNorm, e.g. ``rms`` for an RMSNorm Transformer; BN
+  variants keep BN."""
+  return COMBINATORS.build(spec, lam=lam, ctx=ctx, depth=depth, layer_norm=layer_norm)
+
+
+def make_combinator(spec, *, lam=None, ctx: NormContext = _DEFAULT_CTX,
                     depth: DepthInfo | None = None, name=None,
-                    layer_norm: str = "layer") -> SkipCombinator:
-  """Builds the combinator ``spec``.  ``layer_norm`` is the norm spec that LN-based
-  combinators (``pre_ln``, ``post_ln``, ``xskip_ln``, ``rskip_ln``, ``deepnorm``) use in
-  place of LayerNorm, e.g. ``rms`` for an RMSNorm Transformer; BN variants keep BN."""
-  return COMBINATORS.build(spec, lam=lam, ctx=ctx, depth=depth, name=name,
-                           layer_norm=layer_norm)
+                    layer_norm: str | NormFactory | None = None) -> SkipCombinator:
+  """Builds the combinator ``spec`` once, outside a model (:func:`resolve_combinator`;
+  a model resolves a :class:`SkipSpec` once and builds its combinators from it)."""
+  return resolve_combinator(spec, lam=lam, ctx=ctx, depth=depth,
+                            layer_norm=layer_norm).build(name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -361,6 +424,27 @@ def apply_op(op: str, module, x, *, train: bool):
   return module(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class UnitVariant:
+  """Every variant of a residual unit, resolved once by the model's builder
+  (:func:`resolve_unit`): the ordering, the norm, the shortcut and the combinator."""
+  ordering: UnitOrdering
+  norm: NormFactory
+  shortcut: ShortcutSpec
+  skip: SkipSpec
+
+
+def resolve_unit(ordering: str = "full_preact", norm: str = "batch",
+                 shortcut: str = "identity", skip: str = "skip", *,
+                 skip_lambda: float | None = None, ctx: NormContext = _DEFAULT_CTX,
+                 depth: DepthInfo | None = None) -> UnitVariant:
+  """The :class:`UnitVariant` of the named variants (registry specs; ConfigError listing
+  the valid choices for an unknown one).  ``depth``: the network's (DeepNorm's α, β)."""
+  return UnitVariant(ordering=UNIT_ORDERINGS.build(ordering), norm=norm_factory(norm, ctx),
+                     shortcut=SHORTCUTS.build(shortcut),
+                     skip=resolve_combinator(skip, lam=skip_lambda, ctx=ctx, depth=depth))
+
+
 class ConvUnit(nn.Module):
   """One residual unit of a CIFAR ResNet: ``y = after_add(combinator(x, F, shortcut))``.
 
@@ -369,18 +453,13 @@ class ConvUnit(nn.Module):
   is a projection, the branch's leading ops before its first convolution (the
   pre-activation of (d)/(e)) are applied once and shared by both paths, as in He et al.'s
   pre-activation code.  Every branch convolution's init is multiplied by the combinator's
-  ``init_scale`` (DeepNorm's β; 1 otherwise).
+  ``init_scale`` (DeepNorm's β; 1 otherwise).  ``variant`` is resolved by the model
+  (:func:`resolve_unit`); :func:`conv_unit` builds a unit from variant names.
   """
   features: int
   strides: int = 1
   bottleneck: bool = False
-  ordering: str = "full_preact"
-  norm: Any = "batch"     # a NORMS spec, or its parsed Spec (registry.Spec)
-  shortcut: str = "identity"
-  skip: str = "skip"
-  skip_lambda: float | None = None
-  ctx: NormContext = _DEFAULT_CTX
-  depth: DepthInfo | None = None
+  variant: UnitVariant = resolve_unit()
   weight_standardization: bool = False
   dtype: Any = jnp.float32
   # The output's gradient computed once into a buffer on CPU (cpu_workarounds.materialize_grad).
@@ -388,7 +467,7 @@ class ConvUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    order: UnitOrdering = UNIT_ORDERINGS.build(self.ordering)
+    order, variant = self.variant.ordering, self.variant
     f = self.features
     if self.bottleneck:
       if f % 4:
@@ -399,8 +478,7 @@ class ConvUnit(nn.Module):
     combinator = None
     init_gain = 1.0
     if order.residual:
-      combinator = make_combinator(self.skip, lam=self.skip_lambda, ctx=self.ctx,
-                                   depth=self.depth, name="skip")
+      combinator = variant.skip.build("skip")
       init_gain = combinator.init_scale
     kernel_init = he_normal if init_gain == 1.0 else (
         lambda key, shape, dtype: init_gain * he_normal(key, shape, dtype))
@@ -413,14 +491,14 @@ class ConvUnit(nn.Module):
                             dtype=self.dtype, kernel_init=kernel_init, name=f"conv_{n_conv}"))
         n_conv += 1
       elif op == "norm":
-        modules.append(make_norm(self.norm, self.ctx, name=f"norm_{n_norm}"))
+        modules.append(variant.norm(name=f"norm_{n_norm}"))
         n_norm += 1
       else:
         modules.append(None)
-    after = [make_norm(self.norm, self.ctx, name="norm_after_add") if op == "norm" else None
+    after = [variant.norm(name="norm_after_add") if op == "norm" else None
              for op in order.after_add]
 
-    projects = self.strides != 1 or x.shape[-1] != f or self.shortcut == "conv1x1"
+    projects = self.strides != 1 or x.shape[-1] != f or variant.shortcut.project
     shared = ops.index("conv") if (projects and order.residual) else 0
     preact = {}
 
@@ -435,12 +513,23 @@ class ConvUnit(nn.Module):
     if not order.residual:
       y = branch(x)
     else:
-      short = make_shortcut(self.shortcut, features=f, strides=self.strides,
-                            weight_standardization=self.weight_standardization,
-                            dtype=self.dtype, name="shortcut")
+      short = Shortcut(variant.shortcut, features=f, strides=self.strides,
+                       weight_standardization=self.weight_standardization,
+                       dtype=self.dtype, name="shortcut")
       y = combinator(x, branch, train=train,
                      shortcut=lambda s, fx: short(preact["h"] if shared else s, fx,
                                                   train=train))
     for op, module in zip(order.after_add, after):
       y = apply_op(op, module, y, train=train)
     return cpu_workarounds.materialize_grad(y) if self.materialize_stream_grad else y
+
+
+def conv_unit(features: int, *, ordering: str = "full_preact", norm: str = "batch",
+              shortcut: str = "identity", skip: str = "skip",
+              skip_lambda: float | None = None, ctx: NormContext = _DEFAULT_CTX,
+              depth: DepthInfo | None = None, **fields) -> ConvUnit:
+  """A :class:`ConvUnit` from variant names (one unit outside a model: tools and tests);
+  ``fields``: the unit's other fields (``strides``, ``bottleneck``, ``name``, ...)."""
+  variant = resolve_unit(ordering, norm, shortcut, skip, skip_lambda=skip_lambda, ctx=ctx,
+                         depth=depth)
+  return ConvUnit(features, variant=variant, **fields)

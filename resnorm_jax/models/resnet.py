@@ -3,8 +3,9 @@
 Depth 6n+2 with basic units (20, 32, 44, 56, 110, 1202) or 9n+2 with bottleneck units (164,
 1001); three stages of n units with widths 16/32/64 (x4 outputs for bottleneck units), the
 first unit of stages 2 and 3 downsampling by 2 with a 1x1 projection shortcut.  Any norm,
-unit ordering, shortcut and skip combinator of the registries plugs in; the stem and head
-follow the ordering (``UnitOrdering.stem`` / ``head``).
+unit ordering, shortcut and skip combinator of the registries plugs in, resolved once by
+the family's builder (:func:`cifar_resnet`); the stem and head follow the ordering
+(``UnitOrdering.stem`` / ``head``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnorm_jax.layers import (NORMS, UNIT_ORDERINGS, Conv, ConvUnit, DepthInfo,
-                                NormContext, make_norm)
-from resnorm_jax import cpu_workarounds
-from resnorm_jax import config as config_lib
+from resnorm_jax import config as config_lib, cpu_workarounds
+from resnorm_jax.layers import (SHORTCUTS, UNIT_ORDERINGS, Conv, ConvUnit, DepthInfo, NormContext,
+                                UnitVariant, norm_factory, resolve_unit)
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.layers.residual import apply_op
 from resnorm_jax.layers.taps import TAPS, tap
@@ -51,6 +51,12 @@ def resolve_block(depth: int, block: str = "auto") -> tuple[str, int]:
       f"(e.g. {', '.join(map(str, BOTTLENECK_DEPTHS))})")
 
 
+def stage_layout(depth: int, block: str = "auto") -> tuple[bool, int]:
+  """(bottleneck units?, units per stage) of :func:`resolve_block`."""
+  name, n = resolve_block(depth, block)
+  return name == "bottleneck", n
+
+
 class _StageUnit(nn.Module):
   """A ConvUnit with ``train`` as a field so it can be scanned and rematerialized."""
   unit_kwargs: dict
@@ -65,7 +71,10 @@ class _StageUnit(nn.Module):
 class CifarResNet(nn.Module):
   """PreAct/original ResNet for 32x32 images (He et al. 2016), NHWC input.
 
-  Attributes mirror the ``model.*`` config keys.  ``scan_stages`` compiles one body per stage
+  Attributes mirror the ``model.*`` config keys, the variants resolved once by
+  :func:`cifar_resnet` into ``unit`` (a :class:`~resnorm_jax.layers.UnitVariant`: the
+  ordering, norm, shortcut and skip combinator of every unit, the norm also that of the
+  stem and head).  ``scan_stages`` compiles one body per stage
   (``nn.scan`` over its identical units: ResNet-1001's train step compiles in seconds
   instead of minutes); a scanned unit keeps only its convolution outputs for the backward
   pass and recomputes the norms and activations from them (``jax.checkpoint_policies.
@@ -77,13 +86,8 @@ class CifarResNet(nn.Module):
   num_classes: int = 10
   block: str = "auto"
   width: int = 16
-  norm: str = "batch"
-  unit: str = "full_preact"
-  shortcut: str = "identity"
-  skip: str = "skip"
-  skip_lambda: float | None = None
+  unit: UnitVariant = resolve_unit()
   weight_standardization: bool = False
-  norm_ctx: NormContext = NormContext()
   dtype: Any = jnp.float32
   scan_stages: bool = False
   remat: bool = False
@@ -91,23 +95,19 @@ class CifarResNet(nn.Module):
 
   @property
   def units_per_stage(self) -> int:
-    return resolve_block(self.depth, self.block)[1]
+    return stage_layout(self.depth, self.block)[1]
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    block, n = resolve_block(self.depth, self.block)
-    bottleneck = block == "bottleneck"
-    order = UNIT_ORDERINGS.build(self.unit)
-    norm = NORMS.parse(self.norm)   # parsed once; units build their norms from it
+    bottleneck, n = stage_layout(self.depth, self.block)
+    order, norm = self.unit.ordering, self.unit.norm
     x = Conv(self.width, 3, weight_standardization=self.weight_standardization,
              dtype=self.dtype, name="stem_conv")(images.astype(self.dtype))
     for i, op in enumerate(order.stem):
-      x = apply_op(op, make_norm(norm, self.norm_ctx, name=f"stem_norm_{i}")
-                   if op == "norm" else None, x, train=train)
+      x = apply_op(op, norm(name=f"stem_norm_{i}") if op == "norm" else None, x,
+                   train=train)
 
-    common = dict(bottleneck=bottleneck, ordering=self.unit, norm=norm,
-                  shortcut=self.shortcut, skip=self.skip, skip_lambda=self.skip_lambda,
-                  ctx=self.norm_ctx, depth=DepthInfo("encoder_only", 3 * n),
+    common = dict(bottleneck=bottleneck, variant=self.unit,
                   weight_standardization=self.weight_standardization, dtype=self.dtype,
                   materialize_stream_grad=self.materialize_stream_grad)
     unit_cls = nn.remat(_StageUnit) if self.remat else _StageUnit
@@ -130,41 +130,51 @@ class CifarResNet(nn.Module):
           x, _ = unit_cls(rest, train, name=f"stage{stage + 1}_unit{i + 1}")(x)
 
     for i, op in enumerate(order.head):
-      x = apply_op(op, make_norm(norm, self.norm_ctx, name=f"head_norm_{i}")
-                   if op == "norm" else None, x, train=train)
+      x = apply_op(op, norm(name=f"head_norm_{i}") if op == "norm" else None, x,
+                   train=train)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier")(x)
+
+
+def cifar_resnet(depth: int = 110, *, block: str = "auto", norm: str = "batch",
+                 unit: str = "full_preact", shortcut: str = "identity", skip: str = "skip",
+                 skip_lambda: float | None = None, norm_ctx: NormContext = NormContext(),
+                 **fields) -> CifarResNet:
+  """A :class:`CifarResNet` from the variant names of ``model.*``, each resolved once here
+  (the combinator with the network's depth, for DeepNorm); ``fields``: the model's other
+  fields (``num_classes``, ``width``, ``dtype``, ...)."""
+  _, n = stage_layout(depth, block)
+  variant = resolve_unit(unit, norm, shortcut, skip, skip_lambda=skip_lambda, ctx=norm_ctx,
+                         depth=DepthInfo("encoder_only", 3 * n))
+  return CifarResNet(depth=depth, block=block, unit=variant, **fields)
 
 
 # ----------------------------------------------------------------------------------------
 # Registration.
 # ----------------------------------------------------------------------------------------
-def stage_channels(width: int, block: str) -> list[int]:
+def stage_channels(width: int, bottleneck: bool) -> list[int]:
   """Every channel count a norm sees in a CIFAR ResNet of this width and block."""
   return sorted({width * 2 ** s * f for s in range(3)
-                 for f in ((1, 4) if block == "bottleneck" else (1,))})
+                 for f in ((1, 4) if bottleneck else (1,))})
 
 
 def validate_config(config) -> None:
   """Depth, width and a GroupNorm G that divides every stage's channels."""
-  from resnorm_jax.layers import SHORTCUTS
   m = config.model
   for registry, key in ((UNIT_ORDERINGS, "unit"), (SHORTCUTS, "shortcut")):
     try:
       registry.parse(m[key])
     except ConfigError as e:
       raise ConfigError(f"model.{key}: {e}") from None
-  block, _ = resolve_block(m.depth, m.block)
-  if not isinstance(m.width, int) or m.width < 1:
-    raise ConfigError(f"model.width={m.width} must be a positive integer")
-  norm = NORMS.parse(m.norm)
-  if norm.name == "group":
-    channels = stage_channels(m.width, block)
-    bad = [c for c in channels if c % norm.arg]
+  bottleneck, _ = stage_layout(m.depth, m.block)
+  groups = norm_factory(m.norm).channel_groups
+  if groups > 1:
+    channels = stage_channels(m.width, bottleneck)
+    bad = [c for c in channels if c % groups]
     if bad:
       valid = [g for g in range(1, channels[0] + 1) if all(c % g == 0 for c in channels)]
       raise ConfigError(
-          f"model.norm={m.norm!r}: G={norm.arg} does not divide the {bad} channels of this "
+          f"model.norm={m.norm!r}: G={groups} does not divide the {bad} channels of this "
           f"network (channels {channels}); valid G: {valid}")
 
 
@@ -196,9 +206,9 @@ READS = ("norm", "skip", "skip_lambda", "bn_momentum", "bn_epsilon", "dtype", "r
 def build(arg, config, norm_ctx, data):
   del arg
   m = config.model
-  return CifarResNet(depth=m.depth, num_classes=data.num_classes, block=m.block,
-                     width=m.width, norm=m.norm, unit=m.unit, shortcut=m.shortcut,
-                     skip=m.skip, skip_lambda=m.skip_lambda,
-                     weight_standardization=m.weight_standardization, norm_ctx=norm_ctx,
-                     dtype=compute_dtype(config), scan_stages=m.scan_stages, remat=m.remat,
-                     materialize_stream_grad=cpu_workarounds.enabled(config))
+  return cifar_resnet(m.depth, block=m.block, norm=m.norm, unit=m.unit,
+                      shortcut=m.shortcut, skip=m.skip, skip_lambda=m.skip_lambda,
+                      norm_ctx=norm_ctx, num_classes=data.num_classes, width=m.width,
+                      weight_standardization=m.weight_standardization,
+                      dtype=compute_dtype(config), scan_stages=m.scan_stages,
+                      remat=m.remat, materialize_stream_grad=cpu_workarounds.enabled(config))
