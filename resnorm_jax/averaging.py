@@ -30,7 +30,7 @@ from absl import flags
 
 import jax
 
-from resnorm_jax import resume, storage, validation
+from resnorm_jax import cli, resume, storage, validation
 from resnorm_jax.metrics import MetricWriter
 from resnorm_jax.errors import ConfigError
 
@@ -140,37 +140,27 @@ def define_flags():
       "else 5).")
 
 
-def parse_flags(argv):
-  from resnorm_jax import train as train_cli
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    train_cli.fail(train_cli.describe_error(e))
-
-
 def main(argv):
   from absl import logging
-  from resnorm_jax import train as train_cli
   if len(argv) > 1:
-    train_cli.fail(f"unexpected arguments {argv[1:]}")
+    cli.fail(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   workdir = _FLAGS["workdir"].value
   if not workdir:
-    train_cli.fail("--workdir is required: the training run's workdir")
+    cli.fail("--workdir is required: the training run's workdir")
 
   def work():
     last = _FLAGS["last"].value
     if last is None:
       last = resume.load_config_json(workdir).checkpoint.average_last or 5
     return average_workdir(workdir, last)
-  result = train_cli.run_guarded(work, workdir)
+  result = cli.run_guarded(work, workdir)
   from resnorm_jax import tasks
   print(describe(result, tasks.task_class(resume.load_config_json(workdir))), file=sys.stdout)
 
 
 def run():
-  from resnorm_jax import train as train_cli
-  train_cli.run_command("resnorm-average", define_flags, main, parse_flags)
+  cli.run_command("resnorm-average", define_flags, main)
 
 
 if __name__ == "__main__":

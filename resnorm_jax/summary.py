@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections import OrderedDict
 
 import flax.linen as nn
 import jax
 
+from resnorm_jax import cli
+from resnorm_jax.errors import ConfigError
 from resnorm_jax.layers.conv import Conv
 
 
@@ -124,22 +125,18 @@ def summarize_config(config) -> str:
 def main(argv):
   del argv
   from absl import logging
-  from resnorm_jax import train as train_cli
+  from resnorm_jax import validation
   logging.set_verbosity(logging.WARNING)
-  config = train_cli._FLAGS["config"].value
+  config = cli.flag_value("config")
   try:
-    from resnorm_jax import config as config_lib
-    from resnorm_jax import validation
     validation.validate_model(config)
     print(summarize_config(config))
-  except config_lib.ConfigError as e:
-    print(f"resnorm-summary: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except ConfigError as e:
+    cli.fail(str(e))
 
 
 def run():
-  from resnorm_jax import train as train_cli
-  train_cli.run_command("resnorm-summary", train_cli.define_flags, main, train_cli.parse_flags)
+  cli.run_command("resnorm-summary", cli.define_flags, main)
 
 
 if __name__ == "__main__":

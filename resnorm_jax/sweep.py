@@ -56,7 +56,7 @@ from typing import Any
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnorm_jax import errors, experiments, storage, sweep_stats
+from resnorm_jax import cli, errors, experiments, storage, sweep_stats
 from resnorm_jax.errors import ConfigError, EXIT_USAGE, EXIT_PREEMPTED, EXIT_STORAGE, StorageError
 OVERRIDE_PREFIX = "--config."
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -805,8 +805,7 @@ def _resolve_all(config_path, variants, seeds, overrides, num_devices) -> dict:
         configs[(variant, seed)] = copy.deepcopy(config)
         configs[(variant, seed)].train.seed = seed
     except Exception as e:  # pylint: disable=broad-except  (one line per bad variant)
-      from resnorm_jax.train import describe_error
-      raise UsageError(f"variant {variant}: {describe_error(e)}") from None
+      raise UsageError(f"variant {variant}: {cli.describe_error(e)}") from None
   return configs
 
 
@@ -902,15 +901,13 @@ def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
   all_configs = {v: configs.get((v, seeds[0])) or resolve_config(config_path, v, overrides)
                  for v in order if v in variants or find_runs(fv.workdir, v)}
-  from resnorm_jax.train import run_guarded, _PROG
-  _PROG[0] = "resnorm-sweep"
-  return run_guarded(lambda: sweep(config_path, plan, fv.workdir, overrides, order,
-                                   baselines, all_configs), fv.workdir)
+  cli.set_prog("resnorm-sweep")
+  return cli.run_guarded(lambda: sweep(config_path, plan, fv.workdir, overrides, order,
+                                       baselines, all_configs), fv.workdir)
 
 
 def run():
-  from resnorm_jax.train import exit_promptly  # pylint: disable=import-outside-toplevel
-  exit_promptly(lambda: sys.exit(main(sys.argv)))
+  cli.exit_promptly(lambda: sys.exit(main(sys.argv)))
 
 
 if __name__ == "__main__":

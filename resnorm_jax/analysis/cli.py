@@ -21,53 +21,32 @@ import sys
 import time
 
 from absl import flags, logging
-from ml_collections import config_flags
 
-from resnorm_jax import errors, storage
-from resnorm_jax.errors import EXIT_USAGE, ConfigError
-from resnorm_jax.train import PACKAGE_ROOT, describe_error, run_command, run_guarded
+from resnorm_jax import cli, errors, storage
+from resnorm_jax.cli import fail
+from resnorm_jax.errors import ConfigError
 
 PROG = "resnorm-analyze"
-DEFAULT_CONFIG = os.path.join(PACKAGE_ROOT, "configs", "moments.py")
+DEFAULT_CONFIG = os.path.join(cli.PACKAGE_ROOT, "configs", "moments.py")
 ANALYSIS_CONFIGS = "configs/moments.py, configs/shattering.py or configs/grad_scale.py"
 
 _FLAGS = {}
 
 
 def define_flags():
-  """--config (an analysis config file, optionally ':variant') and --workdir."""
+  """--config (an analysis config file, optionally ':variant'), --workdir, --layer_stats."""
   if _FLAGS:
     return
-  _FLAGS["config"] = config_flags.DEFINE_config_file(
-      "config", DEFAULT_CONFIG, "Analysis config file, optionally with a ':variant' argument.",
-      lock_config=True)
-  _FLAGS["workdir"] = flags.DEFINE_string(
-      "workdir", None, "Output directory (default: runs/<config name>[_<variant>]).")
+  cli.define_config_flags(
+      DEFAULT_CONFIG, "Analysis config file, optionally with a ':variant' argument.",
+      "Output directory (default: runs/<config name>[_<variant>]).")
   _FLAGS["layer_stats"] = flags.DEFINE_string(
       "layer_stats", None, "Instead of an analysis: plot the per-layer statistics of the "
       "training run in this workdir (train.layer_stats_every_steps) against depth.")
 
 
-def fail(message: str, code: int = EXIT_USAGE):
-  print(f"{PROG}: error: {message}", file=sys.stderr)
-  sys.exit(code)
-
-
-def parse_flags(argv):
-  """absl parsing, then the config file and its overrides, with one-line errors (exit 2)."""
-  try:
-    rest = flags.FLAGS(argv)
-    _FLAGS["config"].value.to_dict()
-    return rest
-  except Exception as e:  # pylint: disable=broad-except  (any bad flag: one line, no trace)
-    fail(describe_error(e))
-
-
 def config_name() -> str:
-  path = getattr(flags.FLAGS["config"], "config_filename", "") or DEFAULT_CONFIG
-  name, _, variant = os.path.basename(path).partition(":")
-  name = os.path.splitext(name)[0]
-  return name + (f"_{variant.replace(',', '_').replace('/', '-')}" if variant else "")
+  return cli.config_name(DEFAULT_CONFIG).replace("/", "-")
 
 
 def json_safe(value):
@@ -116,8 +95,8 @@ def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; use --config.<key>=<value> for overrides")
   if _FLAGS["layer_stats"].value:
-    return plot_layer_stats(_FLAGS["layer_stats"].value, _FLAGS["workdir"].value)
-  config = _FLAGS["config"].value
+    return plot_layer_stats(_FLAGS["layer_stats"].value, cli.flag_value("workdir"))
+  config = cli.flag_value("config")
   if "analysis" not in config:
     fail(f"--config is not an analysis config (it has no 'analysis' key); use "
          f"{ANALYSIS_CONFIGS}")
@@ -128,8 +107,8 @@ def main(argv):
     module.validate(config)
   except ConfigError as e:
     fail(str(e))
-  explicit = _FLAGS["workdir"].value is not None
-  workdir = _FLAGS["workdir"].value or os.path.join("runs", config_name())
+  explicit = cli.flag_value("workdir") is not None
+  workdir = cli.flag_value("workdir") or os.path.join("runs", config_name())
   from resnorm_jax import workdir as workdir_lib
   try:  # a URL, a file, a read-only directory, a missing parent
     workdir_lib.check_workdir(workdir, parent_must_exist=explicit)
@@ -142,7 +121,7 @@ def main(argv):
   def analyze():
     with workdir_lib.WorkdirLock(workdir):
       return _analyze(config, module, workdir)
-  run_guarded(analyze, workdir)
+  cli.run_guarded(analyze, workdir)
 
 
 def _analyze(config, module, workdir: str) -> None:
@@ -170,7 +149,7 @@ def _analyze(config, module, workdir: str) -> None:
 
 
 def run():
-  run_command(PROG, define_flags, main, parse_flags)
+  cli.run_command(PROG, define_flags, main)
 
 
 if __name__ == "__main__":
