@@ -350,7 +350,7 @@ def test_generated_corpus_prepares_once_then_starts_from_the_cache(tmp_path):
   pairs = int(os.environ.get("RESNORM_SCALE_PAIRS", "200000"))
   data, work = str(tmp_path / "corpus"), str(tmp_path / "work")
   load_benchmark("make_corpus").main(["--pairs", str(pairs), "--test", "500", "--out", data])
-  command = [sys.executable, "-m", "resnorm_jax.tasks.translation.cache",
+  command = [sys.executable, "-m", "resnorm_jax.tasks.translation.prepare",
              "--config=configs/iwslt15_envi_transformer.py",
              f"--config.data.data_dir={data}", f"--workdir={work}"]
   seconds = []

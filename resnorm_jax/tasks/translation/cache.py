@@ -50,7 +50,7 @@ import numpy as np
 from etils import epath
 
 from resnorm_jax import storage
-from resnorm_jax.errors import EXIT_STORAGE, ConfigError, StorageError
+from resnorm_jax.errors import ConfigError
 from resnorm_jax.tasks.translation import corpora
 
 FORMAT = 1
@@ -560,39 +560,3 @@ def references(config, manifest: dict, count: int) -> list[str]:
     if len(out) >= count:
       break
   return out
-
-
-def run(argv=None):
-  """``resnorm-prepare --config=... [--workdir=DIR]`` (or ``python -m
-  resnorm_jax.tasks.translation.cache``): prepare the cache without training (the training
-  run does the same on its first start)."""
-  from absl import app, flags
-  from ml_collections import config_flags
-  from resnorm_jax import config as config_lib
-  from resnorm_jax import validation
-  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-  flags.DEFINE_string("workdir", None, "Run directory (or translation.cache_dir's parent).")
-
-  def main(argv):
-    del argv
-    config = flags.FLAGS.config
-    try:
-      validation.validate(config, max(1, config.parallel.num_devices))
-      directory = cache_directory(config, flags.FLAGS.workdir or "")
-      if not directory:
-        raise ConfigError("give --workdir or --config.translation.cache_dir")
-      manifest = prepare(directory, config)
-    except ConfigError as e:
-      print(f"resnorm-prepare: error: {e}", file=sys.stderr)
-      sys.exit(2)
-    except StorageError as e:
-      print(f"resnorm-prepare: error: {e}", file=sys.stderr)
-      sys.exit(EXIT_STORAGE)
-    print(f"{directory}: " + ", ".join(
-        f"{s} {e['pairs']:,} pairs ({e['tokens']['src']:,} + {e['tokens']['tgt']:,} tokens)"
-        for s, e in manifest["splits"].items()))
-  app.run(main, argv)
-
-
-if __name__ == "__main__":
-  run()
