@@ -214,11 +214,11 @@ def test_diverged_and_preempted_runs(tmp_path, monkeypatch, capsys):
   config = sweep.resolve_config(SHORTCUTS, "identity", TINY, seed=4)
   run = str(tmp_path / "identity" / "seed_4")
   os.makedirs(run)
-  monkeypatch.setattr(sweep, "train_run", lambda c, p: (_ for _ in ()).throw(
+  monkeypatch.setattr(sweep.local, "train_run", lambda c, p: (_ for _ in ()).throw(
       training.NonFiniteLossError("non-finite loss at step 2")))
   assert sweep.run_one("identity", 4, config, run) == "diverged"
   assert sweep.read_run(run, "error")["status"] == "diverged"
-  monkeypatch.setattr(sweep, "train_run", lambda c, p: {"status": "preempted", "step": 1})
+  monkeypatch.setattr(sweep.local, "train_run", lambda c, p: {"status": "preempted", "step": 1})
   other = str(tmp_path / "identity" / "seed_5")
   os.makedirs(other)
   assert sweep.run_one("identity", 5, config, other) == "preempted"

@@ -1,4 +1,4 @@
-"""resnorm_jax.sweep_stats against scipy (the reference implementation of each statistic)."""
+"""resnorm_jax.sweep.stats against scipy (the reference implementation of each statistic)."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from resnorm_jax import sweep_stats as S
+from resnorm_jax.sweep import stats as S
 
 
 @pytest.mark.parametrize("values", [[6.61], [6.1, 6.9], [7.0, 6.2, 6.5],
