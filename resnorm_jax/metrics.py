@@ -112,7 +112,7 @@ class MetricWriter:
   def _upload(self, filename: str) -> None:
     """Object store: replaces ``filename`` by the file of all its records (one upload)."""
     text = "".join(json.dumps(r) + "\n" for r in self._files[filename])
-    workdir_lib.write_atomic(storage.join(self.workdir, filename), text.encode())
+    storage.write_atomic(storage.join(self.workdir, filename), text.encode())
     self._dirty.pop(filename, None)
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:

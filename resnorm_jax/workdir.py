@@ -388,12 +388,6 @@ def _describe_owner(owner: dict, age: float) -> str:
 # ----------------------------------------------------------------------------------------
 # JSON-lines repair.
 # ----------------------------------------------------------------------------------------
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` so that a crash leaves the old file or the new one, never a
-  part (a synced temporary file renamed over it; on ``gs://`` one upload)."""
-  storage.write_atomic(path, data)
-
-
 def _complete_lines(path: str) -> tuple[bytes, list[bytes]]:
   """(the file's bytes, its complete lines): the part after the last newline is empty, or a
   record cut by a crash while it was written, and is left out."""
@@ -436,5 +430,5 @@ def repair_jsonl(path: str, keep: Callable[[dict], bool],
     kept = [r for i, r in enumerate(kept) if last[tuple(key(r))] == i]
   text = "".join(json.dumps(r) + "\n" for r in kept).encode()
   if text != data:
-    write_atomic(path, text)
+    storage.write_atomic(path, text)
   return kept

@@ -264,9 +264,7 @@ def _sha256(path: epath.Path) -> str:
 
 
 def _write_json(path: epath.Path, obj) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  tmp.replace(path)
+  storage.write_atomic(os.fspath(path), json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _read_json(path: epath.Path) -> dict | None:
