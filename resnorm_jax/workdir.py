@@ -30,9 +30,20 @@ from resnorm_jax.errors import ConfigError, StorageError, WorkdirLockedError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".resnorm.lock"
-# Entries a run writes in its workdir, and the kind each must be when it already exists.
-DIRECTORIES = ("checkpoints", "tensorboard", "translations")
-FILES = ("config.json", "metrics.jsonl", "layer_stats.jsonl", "spm.model", LOCK_FILE)
+# Entries the engine writes in a run's workdir, and the kind each must be when it already
+# exists; each task adds its own (TaskInfo.workdir_directories / workdir_files).
+DIRECTORIES = ("checkpoints", "tensorboard")
+FILES = ("config.json", "metrics.jsonl", "layer_stats.jsonl", LOCK_FILE)
+
+
+def run_entries() -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(directories, files) a run may keep in its workdir: the engine's and those of every
+  registered task."""
+  from resnorm_jax import tasks
+  infos = [entry.info for entry in tasks.TASKS]
+  directories = DIRECTORIES + tuple(d for i in infos for d in i.workdir_directories)
+  files = FILES + tuple(f for i in infos for f in i.workdir_files)
+  return tuple(dict.fromkeys(directories)), tuple(dict.fromkeys(files))
 
 
 # ----------------------------------------------------------------------------------------
@@ -71,12 +82,13 @@ def check_workdir(workdir: str, *, parent_must_exist: bool = True,
                       "the path")
   _check_writable(existing, workdir, flag)
   if existing == path:
-    for name in DIRECTORIES:
+    directories, files = run_entries()
+    for name in directories:
       entry = os.path.join(path, name)
       if os.path.exists(entry) and not os.path.isdir(entry):
         raise ConfigError(f"{entry} is a file, but the run keeps a directory there; move "
                           "it away or use another --workdir")
-    for name in FILES:
+    for name in files:
       entry = os.path.join(path, name)
       if os.path.isdir(entry):
         raise ConfigError(f"{entry} is a directory, but the run keeps a file there; move "
@@ -92,12 +104,13 @@ def _check_bucket_workdir(workdir: str, flag: str) -> None:
   storage.check_bucket(workdir, flag)
   if storage.isfile(workdir):
     raise ConfigError(f"{flag}={workdir} is an object, not a directory; pass a directory")
-  for name in DIRECTORIES:
+  directories, files = run_entries()
+  for name in directories:
     entry = storage.join(workdir, name)
     if storage.isfile(entry):
       raise ConfigError(f"{entry} is an object, but the run keeps a directory there; move "
                         "it away or use another --workdir")
-  for name in FILES:
+  for name in files:
     entry = storage.join(workdir, name)
     if storage.isdir(entry):
       raise ConfigError(f"{entry} is a directory, but the run keeps a file there; move "

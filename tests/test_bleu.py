@@ -81,7 +81,7 @@ def test_scores_and_the_sweep_table_use_the_published_measure():
   metric = sweep.metric_of(c)
   assert metric["key"] == "bleu_tokenized" and metric["published"] == 27.3
   assert metric["label"] == "test BLEU (tokenized, compound-split)"
-  assert sweep.metric_value({"bleu": 26.0, "bleu_tokenized": 27.1}, metric["key"]) == 27.1
+  assert sweep.metric_value({"bleu": 26.0, "bleu_tokenized": 27.1}, metric) == 27.1
   liu = load_config_module(os.path.join(REPO, "configs", "liu2020_translation.py"))
   for variant in liu.VARIANTS:
     v = liu.get_config(variant)

@@ -217,7 +217,7 @@ def test_diverged_and_preempted_runs(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(sweep.local, "train_run", lambda c, p: (_ for _ in ()).throw(
       training.NonFiniteLossError("non-finite loss at step 2")))
   assert sweep.run_one("identity", 4, config, run) == "diverged"
-  assert sweep.read_run(run, "error")["status"] == "diverged"
+  assert sweep.read_run(run, sweep.metric_of(config))["status"] == "diverged"
   monkeypatch.setattr(sweep.local, "train_run", lambda c, p: {"status": "preempted", "step": 1})
   other = str(tmp_path / "identity" / "seed_5")
   os.makedirs(other)
@@ -270,12 +270,78 @@ def test_figure_for_seven_variants_and_five_seeds(tmp_path):
   for i, v in enumerate(("identity", "constant_0.5_1", "constant_0.5_0.5", "exclusive_gate",
                          "shortcut_gate", "conv1x1", "dropout")):
     values = list(6.5 + i + 0.3 * rng.standard_normal(5))
-    rows.append({"variant": v, "metric": "error", "values": values, "n": 5,
+    rows.append({"variant": v, "metric": "error", "label": "test error %", "values": values,
+                 "n": 5,
                  "median": float(np.median(values)),
                  "published": None if i in (1, 6) else 6.6 + i})
   path = plots.sweep_figure(rows, str(tmp_path), title="he2016_shortcuts.py")
   import matplotlib.image
   assert matplotlib.image.imread(path).shape[0] > 400
+
+
+UNSEEN_CONFIG = """
+from resnorm_jax import config as config_lib
+
+VARIANTS = ("narrow", "wide")
+BASELINE = "narrow"
+
+
+def get_config(arg):
+  config = config_lib.base_config()
+  config.model.name = "unseen_mlp"
+  config.data.name = "unseen_fn"
+  config.published.source = "nowhere: " + arg
+  return config
+"""
+
+
+@pytest.fixture
+def unseen_task():
+  """A task the package has never seen (headline metric rmse, "test RMSE", lower is better,
+  no published number) and a model family trained with it, registered for one test."""
+  from resnorm_jax import models, tasks
+  from resnorm_jax.registry import Registry
+  data_sets = Registry("unseen data set")
+  data_sets.register("unseen_fn", "y = sin(x)")(lambda arg, config: None)
+  info = tasks.TaskInfo(headline=tasks.Metric("rmse", "test RMSE", False), data_sets=data_sets)
+  tasks.register_task("unseen_regression", "regression", info)(type("Unseen", (tasks.Task,), {}))
+  models.register_model("unseen_mlp", "an MLP", models.ModelFamily(
+      task="unseen_regression", example_inputs=lambda config, data: ()))(lambda arg, **_: None)
+  yield
+  models.MODELS.unregister("unseen_mlp")
+  tasks.TASKS.unregister("unseen_regression")
+
+
+def test_a_task_the_package_has_never_seen_is_planned_and_tabulated_with_its_own_metric(
+    unseen_task, tmp_path, capsys):
+  """--dry_run, the table, results.json and the figure of a sweep of an outside task take its
+  metric, label and direction from the task, and a missing published number is none."""
+  path = tmp_path / "unseen.py"
+  path.write_text(UNSEEN_CONFIG)
+  assert sweep.main(["resnorm-sweep", f"--config={path}", "--dry_run", "--seeds=2"]) == 0
+  out = capsys.readouterr().out
+  assert "narrow: model=unseen_mlp " in out and "published=– seeds=0, 1" in out
+  metric = sweep.metric_of(sweep.resolve_config(str(path), "narrow", []))
+  assert metric == {"key": "rmse", "label": "test RMSE", "higher_is_better": False,
+                    "scale": 1.0, "published": None}
+  assert sweep.metric_value({"rmse": 0.25, "loss": 1.0}, metric) == 0.25
+  workdir = tmp_path / "sweep"
+  for variant, values in {"narrow": [0.30, 0.32], "wide": [0.21, 0.20]}.items():
+    for seed, value in enumerate(values):
+      run = workdir / variant / f"seed_{seed}"
+      run.mkdir(parents=True)
+      (run / "config.json").write_text(json.dumps({"train": {"seed": seed, "steps": 5}}))
+      (run / "result.json").write_text(json.dumps(
+          {"status": "completed", "step": 5, "steps": 5, "metric": "rmse", "value": value}))
+  assert sweep.main(["resnorm-sweep", f"--config={path}", f"--workdir={workdir}",
+                     "--collect"]) == 0
+  table = (workdir / "results.md").read_text()
+  assert "Final test RMSE over seeds" in table and "error" not in table.lower()
+  assert re.search(r"\| wide \| 2 \| 5 \| 0\.2\d \| 0\.2\d ± 0\.01 \| – \| – \| -0\.1\d \[",
+                   table), table
+  rows = json.loads((workdir / "results.json").read_text())["rows"]
+  assert {r["label"] for r in rows} == {"test RMSE"} and rows[0]["published"] is None
+  assert os.path.getsize(workdir / "results.png") > 0
 
 
 # ----------------------------------------------------------------------------------------

@@ -192,8 +192,9 @@ def sweep_figure(rows: list[dict], workdir: str, title: str = "",
                  name: str = "results.png") -> str:
   """results.png of a multi-seed sweep: one line per variant (top to bottom in the table's
   order), each finished run a dot (spread vertically so equal values stay visible), the
-  median a black bar and the published number a red diamond; the x axis is the metric
-  (test error % or BLEU).  ``rows``: resnorm_jax.sweep.collect_rows."""
+  median a black bar and the published number a red diamond; the x axis is the rows'
+  metric, named by its label (the task's: test error %, test BLEU, ...).  ``rows``:
+  resnorm_jax.sweep.collect_rows."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.42 * len(rows)))
   colors = _colors(len(rows))
@@ -216,8 +217,7 @@ def sweep_figure(rows: list[dict], workdir: str, title: str = "",
   ax.set_yticks(range(len(rows)))
   ax.set_yticklabels([f"{r['variant']}  (n={r['n']})" for r in reversed(rows)], fontsize=8)
   ax.set_ylim(-0.6, len(rows) - 0.4)
-  metric = rows[0]["metric"] if rows else "error"
-  ax.set_xlabel("final test BLEU" if metric == "bleu" else "final test error (%)")
+  ax.set_xlabel(f"final {rows[0]['label']}" if rows else "final value")
   ax.grid(axis="x", alpha=0.3)
   # Written atomically (a temporary file renamed; on a bucket one upload): array tasks of
   # one sweep may write it at once.

@@ -12,7 +12,8 @@ the engine of ``resnorm-train``.  A rerun resumes the unfinished runs and never 
 overwrites a finished one (it is kept, with its ``result.json``).  After each run the sweep
 rewrites, from every run found on disk:
 
-* ``results.md``: per variant n, median, mean ± sd of the final test error % (BLEU for
+* ``results.md``: per variant n, median, mean ± sd of the final value of the task's metric
+  (its headline metric as the task shows it: test error % for images, BLEU for
   translation), the published number and median − published, and the difference of means
   to the config's ``BASELINE`` variant with a 95% Welch interval (see
   :mod:`resnorm_jax.sweep.stats`), saying when the interval includes 0 and when the seeds
@@ -232,9 +233,10 @@ def describe_model(c) -> str:
   """The model settings a variant changes, for the --dry_run plan."""
   from resnorm_jax import models
   keys = models.family(c).title_keys
+  values = {k: c.model.get(k) for k in keys}
   return f"model={c.model.name} " + " ".join(
-      f"{k}={c.model[k]:g}" if isinstance(c.model[k], float) else f"{k}={c.model[k]}"
-      for k in keys if c.model[k] is not None)
+      f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+      for k, v in values.items() if v is not None)
 
 
 def _resolve_all(config_path, variants, seeds, overrides, num_devices) -> dict:

@@ -33,8 +33,8 @@ def collect_rows(workdir: str, configs: dict, order: tuple[str, ...],
     metric = metric_of(configs[variant])
     states = []
     for seed, path in runs.items():
-      state = read_run(path, metric["key"]) or {"status": "unfinished", "step": None,
-                                                "steps": None, "value": None}
+      state = read_run(path, metric) or {"status": "unfinished", "step": None,
+                                          "steps": None, "value": None}
       states.append({"seed": seed, "workdir": path, "status": state["status"],
                      "step": state.get("step"), "steps": state.get("steps"),
                      "value": state.get("value")})
@@ -120,7 +120,7 @@ def row_notes(row: dict) -> list[str]:
 
 def results_markdown(config_path: str, rows: list[dict[str, Any]]) -> str:
   """The Markdown results table (see the module docstring)."""
-  label = rows[0]["label"] if rows else "test error %"
+  label = rows[0]["label"] if rows else "metric"
   sources = sorted({r["published_source"] for r in rows if r["published_source"]})
   baselines = {r["baseline"] for r in rows if r["baseline"]}
   versus = (f"Δ mean vs {next(iter(baselines))} [95% CI]" if len(baselines) == 1
@@ -167,6 +167,5 @@ def write_results(workdir: str, config_path: str, overrides: list[str], rows: li
       {"config": config_path, "overrides": overrides, "rows": rows}, indent=2) + "\n")
   storage.write_atomic(storage.join(workdir, "results.md"), table)
   if figure and any(r["n"] for r in rows):
-    plots.sweep_figure(rows, workdir, title=f"{config_id(config_path)} "
-                       f"({'BLEU' if rows[0]['metric'] == 'bleu' else 'test error %'})")
+    plots.sweep_figure(rows, workdir, title=f"{config_id(config_path)} ({rows[0]['label']})")
   return table

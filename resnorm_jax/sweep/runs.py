@@ -42,12 +42,13 @@ def metric_of(config) -> dict[str, Any]:
           "scale": metric.scale, "published": config.published.get(headline.key)}
 
 
-def metric_value(eval_metrics: dict | None, key: str) -> float | None:
-  """The table's number from an evaluation: 100 · error, or BLEU."""
+def metric_value(eval_metrics: dict | None, metric: dict[str, Any]) -> float | None:
+  """The table's number from an evaluation: the value of ``metric`` (:func:`metric_of`)
+  times its display scale (e.g. 100 · error for test error %), None when absent."""
+  key = metric["key"]
   if not eval_metrics or key not in eval_metrics:
     return None
-  value = float(eval_metrics[key])
-  return 100.0 * value if key == "error" else value
+  return float(eval_metrics[key]) * metric["scale"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -119,10 +120,10 @@ def _last_checkpoint(path: str) -> int | None:
   return max(steps) if steps else None
 
 
-def read_run(path: str, metric_key: str) -> dict[str, Any] | None:
+def read_run(path: str, metric: dict[str, Any]) -> dict[str, Any] | None:
   """The state of the run in ``path``: None (never started) or {"status": "completed" |
-  "diverged" | "unfinished", "step", "steps", "value"}; ``value`` (the metric) only for a
-  completed run."""
+  "diverged" | "unfinished", "step", "steps", "value"}; ``value`` (``metric``, of
+  :func:`metric_of`) only for a completed run."""
   result = read_json(storage.join(path, RESULT_FILE))
   if result is not None:
     return result
@@ -133,7 +134,7 @@ def read_run(path: str, metric_key: str) -> dict[str, Any] | None:
   final = _final_eval_from_metrics(path, steps)
   if final is not None:
     return {"status": "completed", "step": steps, "steps": steps,
-            "value": metric_value(final, metric_key)}
+            "value": metric_value(final, metric)}
   return {"status": "unfinished", "step": _last_checkpoint(path), "steps": steps,
           "value": None}
 
@@ -148,7 +149,7 @@ def write_result(path: str, variant: str, seed: int, config, status: str,
   plain = lambda v: v if isinstance(v, (str, list, tuple)) else float(v)
   result = {"variant": variant, "seed": seed, "status": status,
             "step": (summary or {}).get("step"), "steps": config.train.steps,
-            "metric": metric["key"], "value": metric_value(ev, metric["key"]),
+            "metric": metric["key"], "value": metric_value(ev, metric),
             "eval": {k: plain(v) for k, v in ev.items()}}
   storage.write_atomic(storage.join(path, RESULT_FILE), json.dumps(result, indent=2) + "\n")
   return result
@@ -185,11 +186,11 @@ def record_sweep(workdir: str, config_path: str) -> None:
                          json.dumps({"config": config_path}, indent=2) + "\n")
 
 
-def check_existing_run(path: str, config, metric_key: str) -> dict | None:
+def check_existing_run(path: str, config) -> dict | None:
   """The run in ``path`` if it may be kept or resumed with ``config``; UsageError when it was
   trained with another model or data, or finished with other settings."""
   from resnorm_jax import resume
-  state = read_run(path, metric_key)
+  state = read_run(path, metric_of(config))
   if state is None:
     return None
   config_dict = config.to_dict()
@@ -216,8 +217,7 @@ def plan_runs(workdir: str | None, variants: list[str], seeds: list[int],
     for seed in seeds:
       config = configs[(variant, seed)]
       path = run_dir(workdir, variant, seed) if workdir else None
-      state = (check_existing_run(path, config, metric_of(config)["key"])
-               if path else None)
+      state = check_existing_run(path, config) if path else None
       plan.append({"variant": variant, "seed": seed, "config": config, "workdir": path,
                    "state": state})
   return plan
