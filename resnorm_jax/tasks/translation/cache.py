@@ -2,8 +2,9 @@
 
 Preparation (process 0 only; the other processes wait, then read what it wrote):
 
-1. the corpus is read as a stream (:class:`PairSource`: the IWSLT'15 plain files, a prepared
-   TFDS data set or the toy language), never held whole as Python strings;
+1. the corpus is read as a stream (:class:`~resnorm_jax.tasks.translation.streams.PairSource`
+   that the data set's registry entry builds: the IWSLT'15 plain files, a prepared TFDS data
+   set or the toy language), never held whole as Python strings;
 2. ``spm.model`` (unigram, shared vocabulary, :func:`corpora.train_sentencepiece`) is trained
    on a bounded, seeded random sample of ``translation.spm_sample_sentences`` training
    sentences (a random subset of pairs, both sides of each; the whole training text when it
@@ -44,7 +45,6 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Iterator
 
 import numpy as np
 from etils import epath
@@ -52,6 +52,8 @@ from etils import epath
 from resnorm_jax import storage
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.tasks.translation import corpora
+from resnorm_jax.tasks.translation.streams import (PairSource, fingerprint_matches, hash_file,
+                                                   sized)
 
 FORMAT = 1
 CHUNK = 50_000            # pairs encoded per call
@@ -63,174 +65,27 @@ SIDES = ("src", "tgt")
 
 
 # ----------------------------------------------------------------------------------------
-# Streaming sources.
+# The corpus as streams.
 # ----------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class PairSource:
-  """One split of a parallel corpus as a stream of (sources, targets) chunks.
-
-  ``chunks(size)`` yields lists of at most ``size`` pairs in corpus order; ``fingerprint``
-  identifies the content (see :func:`fingerprint_matches`); ``where`` names it in errors.
-  """
-  where: str
-  size: int
-  chunks: Callable[[int], Iterator[tuple[list[str], list[str]]]]
-  fingerprint: dict
-
-
-def _iter_lines(path: str) -> Iterator[str]:
-  # Same normalization as corpora.read_lines (universal newlines, stripped).
-  with epath.Path(path).open("r", encoding="utf-8") as f:
-    for line in f:
-      yield line.rstrip("\n").strip()
-
-
-def _count_lines(path: str) -> int:
-  return sum(1 for _ in _iter_lines(path))
-
-
-def _hash_file(path: str) -> str:
-  h = hashlib.blake2b(digest_size=16)
-  with epath.Path(path).open("rb") as f:
-    while block := f.read(1 << 22):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _stat(path: str) -> tuple[int, int]:
-  st = os.stat(path) if "://" not in path else None
-  if st is not None:
-    return st.st_size, st.st_mtime_ns
-  p = epath.Path(path)
-  return p.stat().length, int(p.stat().mtime * 1e9)
-
-
-def file_fingerprint(path: str, recorded: dict | None = None) -> dict:
-  """{name, bytes, mtime_ns, blake2b}; the hash of ``recorded`` (an earlier fingerprint of
-  the same name) is reused when size and modification time are unchanged."""
-  size, mtime = _stat(path)
-  name = os.path.basename(path)
-  if recorded and recorded.get("name") == name and recorded.get("bytes") == size and \
-      recorded.get("mtime_ns") == mtime:
-    digest = recorded["blake2b"]
-  else:
-    digest = _hash_file(path)
-  return {"name": name, "bytes": size, "mtime_ns": mtime, "blake2b": digest}
-
-
-def _list_chunks(src: list[str], tgt: list[str]):
-  def chunks(size):
-    for start in range(0, len(src), size):
-      yield src[start:start + size], tgt[start:start + size]
-  return chunks
-
-
-def _plain_files_source(directory: str, split: str, langs: tuple[str, str],
-                        recorded: dict | None) -> PairSource:
-  paths = [os.path.join(directory, f"{split}.{lang}") for lang in langs]
-  where = os.path.join(directory, f"{split}.{{{','.join(langs)}}}")
-  old = (recorded or {}).get("files", [None, None])
-  files = [file_fingerprint(p, o) for p, o in zip(paths, old)]
-
-  def chunks(size):
-    src_lines, tgt_lines = (_iter_lines(p) for p in paths)
-    while True:
-      src = list(itertools.islice(src_lines, size))
-      tgt = list(itertools.islice(tgt_lines, size))
-      if len(src) != len(tgt):
-        raise ConfigError(f"{where}: the two sides have different line counts; the files "
-                          "are corrupt or do not belong together (fix or replace them)")
-      if not src:
-        return
-      yield src, tgt
-  return PairSource(where, -1, chunks, {"kind": "files", "files": files})
-
-
-def _sized(source: PairSource) -> PairSource:
-  """Counts the pairs of a file source (one pass) and checks both sides agree."""
-  if source.size >= 0:
-    return source
-  counts = [_count_lines(os.path.join(os.path.dirname(source.where), f["name"]))
-            for f in source.fingerprint["files"]]
-  if counts[0] != counts[1]:
-    raise ConfigError(f"{source.where}: {counts[0]} source lines but {counts[1]} target "
-                      "lines; the files are corrupt or do not belong together (fix or "
-                      "replace them)")
-  source.size = counts[0]
-  return source
-
-
-def _tfds_sources(data_dir: str, name: str, source_lang: str, target_lang: str):
-  root = os.path.join(os.path.expanduser(data_dir or "~/tensorflow_datasets"), name)
-  version_dir = corpora._latest_version_dir(root)  # pylint: disable=protected-access
-  if version_dir is None:
-    corpora.read_tfds_translation(data_dir, name, source_lang, target_lang)  # its error
-  import tensorflow_datasets as tfds
-  try:
-    builder = tfds.builder_from_directory(version_dir)
-    data = {s: builder.as_data_source(split=s) for s in ("train", "test")}
-  except Exception:  # pylint: disable=broad-except  (its reader's message)
-    return None
-  info = epath.Path(version_dir, "dataset_info.json").read_bytes()
-  files = sorted((p.name, p.stat().length) for p in epath.Path(version_dir).iterdir()
-                 if p.is_file())
-  decode = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
-  out = {}
-  for split, ds in data.items():
-    def chunks(size, ds=ds):
-      for start in range(0, len(ds), size):
-        rows = ds.__getitems__(list(range(start, min(start + size, len(ds)))))
-        yield [decode(r[source_lang]) for r in rows], [decode(r[target_lang]) for r in rows]
-    out[split] = PairSource(f"{version_dir} ({split})", len(ds), chunks, {
-        "kind": "tfds", "name": name, "dataset_info": hashlib.sha256(info).hexdigest(),
-        "files": [list(f) for f in files]})
-  return out
-
-
 def corpus_sources(config, recorded: dict | None = None,
                    splits: tuple[str, ...] = ("train", "test")) -> dict[str, PairSource]:
   """{"train", "test"}: :class:`PairSource` of ``config.data.name`` without reading the
-  text (files are only stat-ed; hashed when new or changed).  ``recorded``: the
+  text (its registry entry's :attr:`corpora.CorpusInfo.sources`).  ``recorded``: the
   fingerprints of an earlier preparation (its hashes are reused for unchanged files).
   ``splits``: the plain-file splits to fingerprint (the others are left out)."""
-  name, t = config.data.name, config.translation
-  recorded = recorded or {}
-  if name == "toy_translation":
-    corpus = corpora.load_corpus(config)
-    key = {"kind": "toy", "sizes": [t.toy_train_size, t.toy_test_size, t.toy_vocab,
-                                    t.toy_max_words]}
-    return {s: PairSource(f"toy_translation ({s})", len(pairs[0]), _list_chunks(*pairs),
-                          dict(key, split=s))
-            for s, pairs in (("train", corpus.train), ("test", corpus.test))}
-  if name == "iwslt15_envi":
-    root = os.path.join(os.path.expanduser(config.data.data_dir or "."), "iwslt15_envi")
-    if corpora._latest_version_dir(root) is None:  # pylint: disable=protected-access
-      directory = os.path.expanduser(config.data.data_dir or ".")
-      missing = [f for f in corpora.IWSLT_FILES
-                 if not os.path.isfile(os.path.join(directory, f))]
-      if missing:
-        corpora.read_iwslt15(config.data.data_dir)     # raises its one-line error
-      return {s: _plain_files_source(directory, f, ("en", "vi"), recorded.get(s))
-              for s, f in (("train", "train"), ("test", "tst2013")) if s in splits}
-    sources = _tfds_sources(config.data.data_dir or ".", "iwslt15_envi", "en", "vi")
-  elif name == "wmt14_ende":
-    sources = _tfds_sources(config.data.data_dir, corpora.WMT_NAME, "en", "de")
-  else:
-    raise ConfigError(f"data.name={name!r} is not a translation data set")
-  if sources is None:   # let the reader of corpora.py phrase the error
-    corpora.load_corpus(config)
-    raise ConfigError(f"data.name={name}: the TFDS data set cannot be read")
-  return sources
+  return _corpus_info(config).sources(config, recorded or {}, splits)
 
 
-def fingerprint_matches(a: dict | None, b: dict | None) -> bool:
-  """Same corpus content: file names, sizes and hashes (not paths or times) agree."""
-  if not a or not b or a.get("kind") != b.get("kind"):
-    return False
-  if a["kind"] == "files":
-    strip = lambda fp: [(f["name"], f["bytes"], f["blake2b"]) for f in fp["files"]]
-    return strip(a) == strip(b)
-  return a == b
+def check_corpus_present(config) -> None:
+  """The one-line error of a missing data set, without reading the corpus."""
+  _corpus_info(config).check_present(config)
+
+
+def _corpus_info(config) -> corpora.CorpusInfo:
+  try:
+    return corpora.TRANSLATION_DATASETS.info(config.data.name)
+  except ConfigError as e:
+    raise ConfigError(f"data.name: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -240,7 +95,7 @@ def sample_sentences(source: PairSource, sample: int, seed: int) -> list[str]:
   """At most ``sample`` training sentences: all of them (sources, then targets, in corpus
   order) when the corpus is that small, else both sides of ⌊sample/2⌋ pairs drawn without
   replacement by ``numpy.random.default_rng(seed)`` (in corpus order)."""
-  source = _sized(source)
+  source = sized(source)
   if 2 * source.size <= sample:
     src, tgt = [], []
     for s, t in source.chunks(CHUNK):
@@ -371,7 +226,7 @@ def _encode_split(processor, source: PairSource, tokens: epath.Path, split: str,
     for kind in ("ids", "offsets"):
       name = f"{split}.{side}.{kind}"
       (tokens / (name + ".tmp")).replace(tokens / name)
-      files[name] = {"bytes": (tokens / name).stat().length, "blake2b": _hash_file(
+      files[name] = {"bytes": (tokens / name).stat().length, "blake2b": hash_file(
           os.fspath(tokens / name))}
   return {"pairs": pairs, "files": files,
           "tokens": {side: int(sum(n.sum() for n in lengths[side])) for side in SIDES}}
@@ -386,7 +241,7 @@ def _verify(tokens: epath.Path, manifest: dict, checksums: bool) -> str | None:
         return f"{path} is missing"
       if path.stat().length != want["bytes"]:
         return f"{path} has {path.stat().length} bytes, not {want['bytes']} (truncated)"
-      if checksums and _hash_file(os.fspath(path)) != want["blake2b"]:
+      if checksums and hash_file(os.fspath(path)) != want["blake2b"]:
         return f"{path} does not match its checksum (corrupted)"
   return None
 
@@ -520,22 +375,6 @@ def load_manifest(directory: str) -> dict:
     raise ConfigError(f"{path} is missing or unreadable after preparation; delete "
                       f"{path.parent} and rerun")
   return manifest
-
-
-def check_corpus_present(config) -> None:
-  """The one-line error of a missing data set, without reading the corpus."""
-  name = config.data.name
-  if name == "iwslt15_envi":
-    directory = os.path.expanduser(config.data.data_dir or ".")
-    root = os.path.join(directory, "iwslt15_envi")
-    if corpora._latest_version_dir(root) is None and any(  # pylint: disable=protected-access
-        not os.path.isfile(os.path.join(directory, f)) for f in corpora.IWSLT_FILES):
-      corpora.read_iwslt15(config.data.data_dir)     # raises before reading anything
-  elif name == "wmt14_ende":
-    root = os.path.join(os.path.expanduser(config.data.data_dir or "~/tensorflow_datasets"),
-                        corpora.WMT_NAME)
-    if corpora._latest_version_dir(root) is None:  # pylint: disable=protected-access
-      corpora.read_tfds_translation(config.data.data_dir, corpora.WMT_NAME, "en", "de")
 
 
 @storage.io_boundary   # a failing store: one line, exit 5

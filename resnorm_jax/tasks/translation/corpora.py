@@ -36,18 +36,32 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from resnorm_jax import storage
 from resnorm_jax.registry import ConfigError, Registry
+from resnorm_jax.tasks.translation import streams
+
+
+def _always_present(config) -> None:
+  del config
+
 
 @dataclasses.dataclass(frozen=True)
 class CorpusInfo:
-  """What is known of a translation data set before reading it: the target language
-  (tokenized BLEU's rules depend on it)."""
+  """What is known of a translation data set before reading it, and how to reach it.
+
+  ``target_lang``: the target language (tokenized BLEU's rules depend on it);
+  ``sources(config, recorded, splits)``: {"train", "test"}: the splits as
+  :class:`streams.PairSource` without reading the text, for the token cache (files are only
+  stat-ed; hashed when new or changed since ``recorded``, the fingerprints of an earlier
+  preparation; ``splits``: the plain-file splits to fingerprint); ``check_present(config)``:
+  the one-line :class:`ConfigError` of a missing corpus, without reading it."""
   target_lang: str
+  sources: Callable[[Any, dict, tuple[str, ...]], dict[str, streams.PairSource]]
+  check_present: Callable[[Any], None] = _always_present
 
 
 TRANSLATION_DATASETS = Registry("translation data set", CorpusInfo)
@@ -83,9 +97,20 @@ def toy_pair(rng: np.random.Generator, vocab: int, max_words: int) -> tuple[str,
   return source, target
 
 
+def _toy_sources(config, recorded: dict, splits: tuple[str, ...]):
+  del recorded, splits
+  t = config.translation
+  corpus = _toy(None, config)
+  key = {"kind": "toy", "sizes": [t.toy_train_size, t.toy_test_size, t.toy_vocab,
+                                  t.toy_max_words]}
+  return {s: streams.list_source(f"toy_translation ({s})", *pairs, dict(key, split=s))
+          for s, pairs in (("train", corpus.train), ("test", corpus.test))}
+
+
 @TRANSLATION_DATASETS.register(
     "toy_translation", "generated toy language: target = reversed source with a fixed word "
-    "mapping (offline; translation.toy_* sizes)", info=CorpusInfo(target_lang="en"))
+    "mapping (offline; translation.toy_* sizes)",
+    info=CorpusInfo(target_lang="en", sources=_toy_sources))
 def _toy(arg, config) -> TextCorpus:
   t = config.translation
   draw = lambda n, seed: tuple(map(list, zip(*(
@@ -104,12 +129,36 @@ def read_lines(path: str) -> list[str]:
 IWSLT_FILES = ("train.en", "train.vi", "tst2013.en", "tst2013.vi")
 
 
+def _iwslt15_prepared(config) -> bool:
+  """Whether data.data_dir holds the TFDS data set of resnorm_jax/tasks/translation/
+  iwslt15.py's builder (else the plain files are read)."""
+  directory = os.path.expanduser(config.data.data_dir or ".")
+  return _latest_version_dir(os.path.join(directory, "iwslt15_envi")) is not None
+
+
+def _iwslt15_present(config) -> None:
+  directory = os.path.expanduser(config.data.data_dir or ".")
+  if not _iwslt15_prepared(config) and any(
+      not os.path.isfile(os.path.join(directory, f)) for f in IWSLT_FILES):
+    read_iwslt15(config.data.data_dir)     # raises before reading anything
+
+
+def _iwslt15_sources(config, recorded: dict, splits: tuple[str, ...]):
+  if _iwslt15_prepared(config):
+    return _tfds_sources(config.data.data_dir or ".", "iwslt15_envi", "en", "vi")
+  _iwslt15_present(config)
+  directory = os.path.expanduser(config.data.data_dir or ".")
+  return {s: streams.plain_files_source(directory, f, ("en", "vi"), recorded.get(s))
+          for s, f in (("train", "train"), ("test", "tst2013")) if s in splits}
+
+
 @TRANSLATION_DATASETS.register(
     "iwslt15_envi", "IWSLT'15 English->Vietnamese from the standard files train.{en,vi}, "
-    "tst2013.{en,vi} in data.data_dir (test: tst2013)", info=CorpusInfo(target_lang="vi"))
+    "tst2013.{en,vi} in data.data_dir (test: tst2013)",
+    info=CorpusInfo(target_lang="vi", sources=_iwslt15_sources,
+                    check_present=_iwslt15_present))
 def _iwslt15(arg, config) -> TextCorpus:
-  root = storage.join(os.path.expanduser(config.data.data_dir or "."), "iwslt15_envi")
-  if _latest_version_dir(root) is not None:   # prepared by resnorm_jax/tasks/translation/iwslt15.py's builder
+  if _iwslt15_prepared(config):
     return read_tfds_translation(config.data.data_dir or ".", "iwslt15_envi", "en", "vi")
   return read_iwslt15(config.data.data_dir)
 
@@ -136,9 +185,19 @@ def read_iwslt15(data_dir: str) -> TextCorpus:
 WMT_NAME = "wmt14_translate/de-en"
 
 
+def _wmt14_present(config) -> None:
+  _tfds_version_dir(config.data.data_dir, WMT_NAME, "en", "de")
+
+
+def _wmt14_sources(config, recorded: dict, splits: tuple[str, ...]):
+  del recorded, splits
+  return _tfds_sources(config.data.data_dir, WMT_NAME, "en", "de")
+
+
 @TRANSLATION_DATASETS.register(
     "wmt14_ende", "WMT'14 English->German from TFDS's prepared wmt14_translate/de-en "
-    "(ArrayRecord) in data.data_dir; test: newstest2014", info=CorpusInfo(target_lang="de"))
+    "(ArrayRecord) in data.data_dir; test: newstest2014",
+    info=CorpusInfo(target_lang="de", sources=_wmt14_sources, check_present=_wmt14_present))
 def _wmt14(arg, config) -> TextCorpus:
   return read_tfds_translation(config.data.data_dir, WMT_NAME, "en", "de")
 
@@ -150,6 +209,27 @@ def _latest_version_dir(root: str) -> str | None:
               if storage.isfile(storage.join(root, v, "dataset_info.json"))]
   key = lambda v: tuple(int(p) if p.isdigit() else 0 for p in v.split("."))
   return storage.join(root, max(versions, key=key)) if versions else None
+
+
+def _tfds_version_dir(data_dir: str, name: str, source: str, target: str) -> str:
+  """The newest prepared version of TFDS data set ``name`` in ``data_dir`` (default
+  ``~/tensorflow_datasets``); :func:`read_tfds_translation`'s one-line error without one."""
+  root = os.path.join(os.path.expanduser(data_dir or "~/tensorflow_datasets"), name)
+  version_dir = _latest_version_dir(root)
+  if version_dir is None:
+    read_tfds_translation(data_dir, name, source, target)    # raises its one-line error
+  return version_dir
+
+
+def _tfds_sources(data_dir: str, name: str, source: str, target: str):
+  """:func:`streams.tfds_sources` of TFDS data set ``name`` in ``data_dir``; the reader's
+  one-line error when it is missing or cannot be read."""
+  version_dir = _tfds_version_dir(data_dir, name, source, target)
+  sources = streams.tfds_sources(version_dir, name, source, target)
+  if sources is None:   # let the reader phrase the error
+    read_tfds_translation(data_dir, name, source, target)
+    raise ConfigError(f"data.name: the TFDS data set {name} in {version_dir} cannot be read")
+  return sources
 
 
 def read_tfds_translation(data_dir: str, name: str, source: str, target: str) -> TextCorpus:
