@@ -101,9 +101,9 @@ def main(argv):
     fail(f"--config is not an analysis config (it has no 'analysis' key); use "
          f"{ANALYSIS_CONFIGS}")
   logging.set_verbosity(logging.WARNING)
-  from resnorm_jax import analysis
+  from resnorm_jax.analysis import registry
   try:
-    module = analysis.load(config.analysis)
+    module = registry.load(config.analysis)
     module.validate(config)
   except ConfigError as e:
     fail(str(e))
