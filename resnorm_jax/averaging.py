@@ -1,14 +1,12 @@
-"""``resnorm-average``: evaluate the parameter average of a run's last N checkpoints.
-
-    resnorm-average --workdir=runs/wmt_base --last=5
+"""The checkpoint average: the parameter average of a run's last N checkpoints, evaluated.
 
 Vaswani et al. (2017) report the base model with the average of the last 5 checkpoints
 (written 10 minutes apart; the big model the last 20).  Here checkpoints are kept by step:
 ``checkpoint.average_last = N`` keeps, besides the newest ``checkpoint.keep``, the newest N
 steps that are multiples of ``checkpoint.average_every_steps`` (0 = ``every_steps``;
 :class:`resnorm_jax.checkpointing.Checkpointer`), and a completed training run evaluates their
-average itself (:func:`evaluate_average` from the training loop); this command does the same
-for any workdir, also a ``gs://`` one.
+average itself (:func:`evaluate_average` from the training loop); ``resnorm-average``
+(:mod:`resnorm_jax.average`) does the same for any workdir, also a ``gs://`` one.
 
 The average: the element-wise mean of the parameters of the N newest such steps (float32);
 BatchNorm running statistics are averaged the same way (they are not re-estimated on
@@ -24,17 +22,11 @@ e.g. a resume with other training settings) or of another parameter tree.
 
 from __future__ import annotations
 
-import sys
-
-from absl import flags
-
 import jax
 
-from resnorm_jax import cli, resume, storage, validation
+from resnorm_jax import resume
 from resnorm_jax.metrics import MetricWriter
 from resnorm_jax.errors import ConfigError
-
-_FLAGS = {}
 
 
 def average_interval(config) -> int:
@@ -109,59 +101,3 @@ def describe(result: dict, task) -> str:
   """One line: the averaged steps and the task's description of the evaluation."""
   steps = result["averaged_steps"]
   return f"average of the {len(steps)} checkpoints of steps {steps}: {task.describe(result)}"
-
-
-def average_workdir(workdir: str, last: int) -> dict:
-  """:func:`evaluate_average` of the run in ``workdir`` (the command's work)."""
-  from resnorm_jax import checkpointing, parallelism, training
-  config = resume.load_config_json(workdir)
-  if last < 1:
-    raise ConfigError(f"--last={last} must be a positive integer")
-  validation.validate(config, jax.device_count())
-  mesh = parallelism.make_mesh(config.parallel.num_devices)
-  # Steps are selected and checked before the task is set up (set-up may write caches).
-  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), keep=10 ** 9,
-                                    every_steps=0)
-  try:
-    select_steps(ckpt.all_steps(), last, average_interval(config), ckpt.directory)
-    task = training.build_task(config, mesh)
-    task.setup(workdir)
-    return evaluate_average(config, workdir, task, ckpt, training.abstract_state(task), last)
-  finally:
-    ckpt.close()
-
-
-def define_flags():
-  if _FLAGS:
-    return
-  _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-  _FLAGS["last"] = flags.DEFINE_integer(
-      "last", None, "Checkpoints to average (default: the run's checkpoint.average_last, "
-      "else 5).")
-
-
-def main(argv):
-  from absl import logging
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  workdir = _FLAGS["workdir"].value
-  if not workdir:
-    cli.fail("--workdir is required: the training run's workdir")
-
-  def work():
-    last = _FLAGS["last"].value
-    if last is None:
-      last = resume.load_config_json(workdir).checkpoint.average_last or 5
-    return average_workdir(workdir, last)
-  result = cli.run_guarded(work, workdir)
-  from resnorm_jax import tasks
-  print(describe(result, tasks.task_class(resume.load_config_json(workdir))), file=sys.stdout)
-
-
-def run():
-  cli.run_command("resnorm-average", define_flags, main)
-
-
-if __name__ == "__main__":
-  run()

@@ -28,7 +28,7 @@ def averaged_config(**overrides):
 
 
 def average_cli(workdir, *flags):
-  return subprocess.run([sys.executable, "-m", "resnorm_jax.averaging",
+  return subprocess.run([sys.executable, "-m", "resnorm_jax.average",
                          f"--workdir={workdir}", *flags], cwd=REPO, capture_output=True,
                         text=True, timeout=300, env=dict(os.environ))
 
