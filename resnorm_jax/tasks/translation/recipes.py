@@ -2,6 +2,7 @@
 
 from resnorm_jax.config import base_config
 from resnorm_jax.errors import ConfigError
+from resnorm_jax.layers import LAMBDA_COMBINATORS
 
 SKIPS = ("post_ln", "pre_ln", "xskip_ln", "rskip_ln")
 
@@ -13,7 +14,7 @@ def apply_variant(c, arg, config_file: str):
   for skip in SKIPS:
     if arg.startswith(skip):
       rest = arg[len(skip):]
-      if rest and skip in ("xskip_ln", "rskip_ln"):
+      if rest and skip in LAMBDA_COMBINATORS:     # the combinators that take a λ
         try:
           c.model.skip_lambda = float(rest)
         except ValueError:
