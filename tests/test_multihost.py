@@ -1,5 +1,8 @@
 """Multi-process runs on 127.0.0.1 (launch/local.sh): the same math as one process, for the
-ResNet image task and the Transformer translation task (training, resume, beam-search BLEU)."""
+ResNet image task and the Transformer translation task (training, resume, beam-search BLEU).
+
+The default suite runs the image task's 2-process run (and its resume in one process) and the
+dead-process test; the per-device styles and the translation task's runs are ``slow``."""
 
 import importlib.util
 import os
@@ -65,6 +68,7 @@ def one_process_three_steps(tmp_path_factory):
   return read_state(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,port", [("shard_map", 13417), ("pmap", 13418)])
 def test_two_processes_equal_one_process_in_the_per_device_styles(tmp_path, mode, port,
                                                                    one_process_three_steps):
@@ -180,6 +184,7 @@ def trained_translation(tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_translation_two_processes_equal_one_process_and_resume_in_one(
     tmp_path, trained_translation):
   two, one = tmp_path / "two", tmp_path / "one"
@@ -210,6 +215,7 @@ def test_translation_two_processes_equal_one_process_and_resume_in_one(
   assert resumed["eval"]["bleu"] == uninterrupted["eval"]["bleu"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,port", [("pmap", 13422), ("shard_map", 13423)])
 def test_translation_per_device_styles_in_two_processes_continue_a_one_process_run(
     tmp_path, trained_translation, mode, port):
