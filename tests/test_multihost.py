@@ -1,7 +1,7 @@
 """Multi-process runs on 127.0.0.1 (launch/local.sh): the same math as one process, for the
 ResNet image task and the Transformer translation task (training, resume, beam-search BLEU).
 
-The default suite runs the image task's 2-process run (and its resume in one process) and the
+The default suite runs the image task's 2-process run against one process and the
 dead-process test; the per-device styles and the translation task's runs are ``slow``."""
 
 import importlib.util
@@ -40,7 +40,10 @@ def launch(num_processes, workdir, *flags, devices=4, port=None, wait=True, base
   return out
 
 
-def test_two_processes_equal_one_process_and_resume_in_one(tmp_path):
+# The default suite: 2 processes = 1 process; the slow one also resumes the 2-process
+# checkpoint in one process (two more runs).
+@pytest.mark.parametrize("resume", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_two_processes_equal_one_process_and_resume_in_one(tmp_path, resume):
   steps = "--config.train.steps=4"
   out = launch(2, tmp_path / "two", steps, port=13411)
   assert "completed at step 4" in out
@@ -52,6 +55,8 @@ def test_two_processes_equal_one_process_and_resume_in_one(tmp_path):
   # Only process 0 writes metrics: one line per step, not one per process.
   lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
   assert sum('"split": "train"' in l for l in lines) == 4
+  if not resume:
+    return
   # The 2-process checkpoint continues in a single process on 8 devices.
   out = launch(1, tmp_path / "two", "--config.train.steps=6", devices=8, port=13413)
   assert "resumed from step 4" in out and "completed at step 6" in out
