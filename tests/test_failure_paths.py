@@ -526,13 +526,14 @@ QUICKSTART_ONE_STEP = ["--config=configs/quickstart.py", "--config.train.steps=1
                        "--config.parallel.bn_sync=global", "--config.eval.every_steps=0"]
 
 
-@pytest.mark.parametrize("mode", ["jit", pytest.param("shard_map", marks=pytest.mark.slow),
-                                  pytest.param("pmap", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["jit", "shard_map", "pmap"])
 def test_augmented_quickstart_gives_the_same_gradients_on_1_and_8_devices(mode):
   # The report's setting (digits, random crops, batch 64, global BatchNorm); the optimizer
-  # state after one step holds the gradient (momentum trace), compared first.  (The other
-  # styles on 8 devices against one device, in the default suite: test_training.py's
-  # test_three_execution_styles_equal_single_device.)
+  # state after one step holds the gradient (momentum trace), compared first.  The default
+  # suite's check of the same: test_training.py's
+  # test_three_execution_styles_equal_single_device (random crops and flips, global
+  # BatchNorm, every style on 8 devices against one device).
   quickstart = _configs()["quickstart"]
 
   def run(n, mode):
