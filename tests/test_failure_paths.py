@@ -175,7 +175,10 @@ def test_locked_workdir_then_kill_9_then_resume_is_exact_and_metrics_unique(tmp_
 # Signals: a second Ctrl-C.
 # ----------------------------------------------------------------------------------------
 def test_second_ctrl_c_exits_at_once_and_corrupts_nothing(tmp_path):
-  proc = train_cli(tmp_path, "--config.train.steps=60", "--config.checkpoint.every_steps=20")
+  # Without the suite's compilation cache (tests/conftest.py): the second Ctrl-C must come
+  # while XLA compiles.
+  proc = train_cli(tmp_path, "--config.train.steps=60", "--config.checkpoint.every_steps=20",
+                   env={"JAX_ENABLE_COMPILATION_CACHE": "false"})
   assert wait_for(lambda: (tmp_path / LOCK).exists(), proc=proc)   # data loaded, starting
   proc.send_signal(signal.SIGINT)
   time.sleep(0.3)
