@@ -171,10 +171,11 @@ def _flatten(tree, prefix=""):
 
 def train_cli(workdir, *flags, tiny=True, **popen):
   """``python -m resnorm_jax.train --workdir=... [CLI_TINY] flags`` as a Popen with text
-  pipes (unbuffered, so a test can watch its output)."""
+  pipes (unbuffered, so a test can watch its output); ``env``: variables added to this
+  process's environment."""
   import subprocess
   import sys
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", **popen.pop("env", {})}
   return subprocess.Popen([sys.executable, "-m", "resnorm_jax.train", f"--workdir={workdir}",
                            *(CLI_TINY if tiny else []), *flags], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)

@@ -388,6 +388,7 @@ def test_grad_scale_xskip_explodes_and_xskip_ln_stays_bounded(tmp_path):
   assert png.endswith("grad_scale_conv.png") and os.path.getsize(png) > 10_000
 
 
+@pytest.mark.slow   # the default suite: the convolutional case above
 def test_grad_scale_post_ln_vs_pre_ln_transformer(tmp_path):
   c = grad_scale.default_config()
   c.draws = 2

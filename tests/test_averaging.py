@@ -123,5 +123,6 @@ def test_a_short_run_skips_the_average_with_a_note(tmp_path, capsys):
       capsys.readouterr().err
 
 
+@pytest.mark.slow   # the default suite: averaging on a local disk, a run resumed in a bucket
 def test_average_of_a_gs_workdir(gdir):
   train_and_average(gdir, 2, [4, 6])

@@ -24,6 +24,7 @@ def fast_compile(monkeypatch):
   jax.config.update("jax_disable_most_optimizations", previous[1])
 
 
+@pytest.mark.slow   # the default suite: the in-process case below
 def test_compile_time_cold_case_in_a_fresh_process(tmp_path, capsys, fast_compile):
   bench = load_script("compile_time")
   out = tmp_path / "compile.json"

@@ -40,3 +40,13 @@ def test_conv_floor_benchmark_runs(capsys):
   result = load("conv_floor").main(["--batch", "2", "--repeats", "1"])
   assert len(result["rows"]) == 9 and result["totals_s"]["xla"] > 0
   assert "grad kernel" in capsys.readouterr().out
+
+
+@pytest.mark.slow   # 15 small programs to compile
+def test_conv_wgrad_benchmark_runs_and_its_variants_agree():
+  # main() asserts that every formulation's weight gradient matches autodiff's.
+  result = load("conv_wgrad").main(["--shapes", "2x4x4x2,2x3x5x3", "--rounds", "1"])
+  programs = {row["program"] for row in result["rows"]}
+  assert programs == {"autodiff", "taps", "flat", "tflat", "im2col_t", "hwn", "conv3d"}
+  parts = load("conv_wgrad").main(["--shapes", "2x4x4x2", "--rounds", "1", "--parts"])
+  assert len(parts["rows"]) == 5 and all(row["min ms"] > 0 for row in parts["rows"])

@@ -1,5 +1,8 @@
 """Multi-process runs on 127.0.0.1 (launch/local.sh): the same math as one process, for the
-ResNet image task and the Transformer translation task (training, resume, beam-search BLEU)."""
+ResNet image task and the Transformer translation task (training, resume, beam-search BLEU).
+
+The default suite runs the image task's 2-process run against one process and the
+dead-process test; the per-device styles and the translation task's runs are ``slow``."""
 
 import importlib.util
 import os
@@ -37,7 +40,10 @@ def launch(num_processes, workdir, *flags, devices=4, port=None, wait=True, base
   return out
 
 
-def test_two_processes_equal_one_process_and_resume_in_one(tmp_path):
+# The default suite: 2 processes = 1 process; the slow one also resumes the 2-process
+# checkpoint in one process (two more runs).
+@pytest.mark.parametrize("resume", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_two_processes_equal_one_process_and_resume_in_one(tmp_path, resume):
   steps = "--config.train.steps=4"
   out = launch(2, tmp_path / "two", steps, port=13411)
   assert "completed at step 4" in out
@@ -49,6 +55,8 @@ def test_two_processes_equal_one_process_and_resume_in_one(tmp_path):
   # Only process 0 writes metrics: one line per step, not one per process.
   lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
   assert sum('"split": "train"' in l for l in lines) == 4
+  if not resume:
+    return
   # The 2-process checkpoint continues in a single process on 8 devices.
   out = launch(1, tmp_path / "two", "--config.train.steps=6", devices=8, port=13413)
   assert "resumed from step 4" in out and "completed at step 6" in out
@@ -65,6 +73,7 @@ def one_process_three_steps(tmp_path_factory):
   return read_state(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,port", [("shard_map", 13417), ("pmap", 13418)])
 def test_two_processes_equal_one_process_in_the_per_device_styles(tmp_path, mode, port,
                                                                    one_process_three_steps):
@@ -180,6 +189,7 @@ def trained_translation(tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_translation_two_processes_equal_one_process_and_resume_in_one(
     tmp_path, trained_translation):
   two, one = tmp_path / "two", tmp_path / "one"
@@ -210,6 +220,7 @@ def test_translation_two_processes_equal_one_process_and_resume_in_one(
   assert resumed["eval"]["bleu"] == uninterrupted["eval"]["bleu"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,port", [("pmap", 13422), ("shard_map", 13423)])
 def test_translation_per_device_styles_in_two_processes_continue_a_one_process_run(
     tmp_path, trained_translation, mode, port):

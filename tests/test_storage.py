@@ -695,6 +695,7 @@ def _assert_same_final_state(reference, workdir, steps=20):
   chex.assert_trees_all_equal(a, b)
 
 
+@pytest.mark.slow   # about 31 s of gcsfs's retries before the exit, and three runs
 def test_a_store_down_during_a_save_is_exit_5_at_once_and_the_rerun_ends_exact(
     tmp_path, gdir, proxy):
   """The store goes down (503 to everything) once the first checkpoint's save has begun,
@@ -719,17 +720,25 @@ def test_a_store_down_during_a_save_is_exit_5_at_once_and_the_rerun_ends_exact(
   _assert_same_final_state(tmp_path / "ref", gdir)
 
 
-@pytest.mark.slow
+# The default suite's store fault: two 503s at the first save (retried after 1 s and 2 s);
+# the slow one: 5 503s (about 31 s of gcsfs's backoff), 429s and resets at the second.
+@pytest.mark.parametrize("burst", ["two_503s",
+                                   pytest.param("503s_429s_resets", marks=pytest.mark.slow)])
 def test_a_burst_of_503s_during_a_save_is_retried_and_the_run_ends_exact(tmp_path, gdir,
-                                                                        proxy):
+                                                                        proxy, burst):
   from fault_proxy import Fault
   reference = _Run(dict(os.environ, PYTHONPATH=REPO), tmp_path / "ref", *FAULT_FLAGS)
-  proxy.add(Fault("status", code=503, count=5, arm=_checkpoint_metadata(gdir, 10)))
-  proxy.add(Fault("status", code=429, count=2, arm=_checkpoint_metadata(gdir, 20)))
-  proxy.add(Fault("reset", count=2, match="^POST ", arm=_checkpoint_metadata(gdir, 20)))
+  if burst == "two_503s":
+    faults = [Fault("status", code=503, count=2, arm=_checkpoint_metadata(gdir, 10))]
+  else:
+    faults = [Fault("status", code=503, count=5, arm=_checkpoint_metadata(gdir, 10)),
+              Fault("status", code=429, count=2, arm=_checkpoint_metadata(gdir, 20)),
+              Fault("reset", count=2, match="^POST ", arm=_checkpoint_metadata(gdir, 20))]
+  for fault in faults:
+    proxy.add(fault)
   run = _Run(proxy.env, gdir, *FAULT_FLAGS)
   assert run.wait() == 0, run.err[-3000:]
-  assert len(proxy.faulted()) == 9 and "Traceback" not in run.err
+  assert len(proxy.faulted()) == sum(f.count for f in faults) and "Traceback" not in run.err
   assert reference.wait() == 0, reference.err[-3000:]
   _assert_same_final_state(tmp_path / "ref", gdir)
 

@@ -380,8 +380,11 @@ def _executable(path, text):
   path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+# The default suite: the array's files and command without sbatch; the slow one also runs
+# the array's tasks through a fake sbatch.
+@pytest.mark.parametrize("run_tasks", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_slurm_job_array_runs_each_task_locally(finished_sweep, tmp_path, capfd,
-                                                monkeypatch):
+                                                monkeypatch, run_tasks):
   workdir = str(tmp_path / "array")
   # A finished run is kept: only seeds 1 and 2 become array tasks.
   shutil.copytree(os.path.join(finished_sweep[0], "identity", "seed_0"),
@@ -400,6 +403,8 @@ def test_slurm_job_array_runs_each_task_locally(finished_sweep, tmp_path, capfd,
   assert (f"sbatch --array=0-1 --job-name=sweep-he2016_shortcuts --output={workdir}/slurm/"
           f"%A_%a.out --nodes=1 --ntasks-per-node=1 --gpus-per-node=1 "
           f"{REPO}/launch/slurm.sbatch --sweep_tasks={workdir}/slurm/tasks_0.json") in submit
+  if not run_tasks:
+    return
   # With a scheduler that runs the array here: launch/slurm.sbatch per task.
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()

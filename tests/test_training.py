@@ -28,6 +28,9 @@ def test_three_execution_styles_equal_single_device():
     assert int(state.step) == 3
 
 
+# The default suite: global statistics in every style (above); local and group statistics
+# in each style, tests/test_bn_sync.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("bn_sync", ["local", "group:4"])
 def test_styles_agree_for_local_and_group_sync(bn_sync):
   states = [run_steps(tiny_config(**{"parallel.mode": mode, "parallel.bn_sync": bn_sync}))
@@ -65,10 +68,12 @@ def test_weight_decay_skips_norm_parameters_and_biases():
       "scale": False, "bias": False}, "dense": {"kernel": True, "bias": False}}
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143),
+                                      pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_signal_then_resume_is_bitwise_exact(tmp_path, sig, code):
   # SIGINT (Ctrl-C) is handled like SIGTERM: save the current step, exit with its code.
-  steps = "--config.train.steps=400"
+  total = 200
+  steps = f"--config.train.steps={total}"
   uninterrupted = cli(tmp_path / "a", steps)
   interrupted = cli(tmp_path / "b", steps)
   metrics = tmp_path / "b" / "metrics.jsonl"
@@ -83,7 +88,7 @@ def test_signal_then_resume_is_bitwise_exact(tmp_path, sig, code):
   assert f"{signal.Signals(sig).name} received" in err and "Traceback" not in err
   assert not (tmp_path / "b" / ".resnorm.lock").exists()   # released
   stopped_at, _ = read_state(tmp_path / "b")
-  assert 5 <= stopped_at < 400
+  assert 5 <= stopped_at < total
   resumed = cli(tmp_path / "b", steps)
   out, err = resumed.communicate(timeout=180)
   assert resumed.returncode == 0, err
@@ -92,16 +97,16 @@ def test_signal_then_resume_is_bitwise_exact(tmp_path, sig, code):
   assert uninterrupted.returncode == 0, err
   step_a, a = read_state(tmp_path / "a")
   step_b, b = read_state(tmp_path / "b")
-  assert step_a == step_b == 400
+  assert step_a == step_b == total
   chex.assert_trees_all_equal(a.params, b.params)
   chex.assert_trees_all_equal(a.batch_stats, b.batch_stats)
   chex.assert_trees_all_equal(a.opt_state, b.opt_state)
   # Metrics of both halves are kept: one train line per step, none lost or repeated.
   lines = [json.loads(l) for l in metrics.read_text().splitlines()]
-  assert sorted(l["step"] for l in lines if l["split"] == "train") == list(range(1, 401))
+  assert sorted(l["step"] for l in lines if l["split"] == "train") == list(range(1, total + 1))
 
 
-@pytest.mark.parametrize("first,second", [(8, 1), (1, 8)])
+@pytest.mark.parametrize("first,second", [pytest.param(8, 1, marks=pytest.mark.slow), (1, 8)])
 def test_checkpoint_restores_on_another_device_count(tmp_path, first, second):
   def config(n, steps):
     return tiny_config(**{"parallel.num_devices": n, "train.steps": steps})
@@ -119,6 +124,7 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
     training.train_and_evaluate(tiny_config(**{"model.depth": 14}), str(tmp_path))
 
 
+@pytest.mark.slow   # the default suite: the keys' resume classes, in the next test
 def test_resume_after_changing_only_neutral_model_keys_continues_the_same_run(tmp_path):
   """model.remat and model.summary_length change no number of the run (resume class
   neutral): the resumed run is the uninterrupted one, and only train.steps is reported."""
@@ -254,8 +260,9 @@ def test_quickstart_reaches_95_percent(tmp_path):
     {"train.optimizer": "sgd", "train.nesterov": True, "train.schedule": "piecewise",
      "train.boundaries": (0.5, 0.75), "train.warmup_steps": 5,
      "train.warmup_learning_rate": 0.01, "train.learning_rate": 0.1},
-    {"train.optimizer": "adam", "train.schedule": "cosine", "train.learning_rate": 1e-2,
-     "model.norm": "group:2", "model.skip": "rskip_ln", "model.skip_lambda": 2.0},
+    pytest.param({"train.optimizer": "adam", "train.schedule": "cosine",
+                  "train.learning_rate": 1e-2, "model.norm": "group:2", "model.skip": "rskip_ln",
+                  "model.skip_lambda": 2.0}, marks=pytest.mark.slow),
 ])
 def test_optimizers_and_options_learn_digits(tmp_path, options):
   config = tiny_config(**{"data.name": "digits", "data.augment": "none", "train.steps": 60,

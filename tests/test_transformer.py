@@ -523,6 +523,7 @@ def test_chunked_cross_entropy_equals_the_whole_logits_in_value_and_gradient(chu
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow   # the default suite: the chunked loss itself, test_chunked_cross_entropy_...
 def test_transformer_loss_sum_chunks_large_batches_and_matches_the_logits(monkeypatch):
   """Transformer.loss_sum: the same loss and parameter gradients as the cross entropy of
   __call__'s logits, here with the chunk budget lowered so that the tiny batch is chunked."""

@@ -187,6 +187,7 @@ def run_translation_steps(tmp_path, mode, skip, steps=2, packing=False):
   return jax.device_get(state), float(jax.device_get(metrics["loss"]))
 
 
+@pytest.mark.slow   # the default suite: test_failure_paths.py, the ResNet's dropout
 def test_dropout_in_jit_gives_the_same_gradients_on_1_and_8_devices(tmp_path):
   """README: in the jit style dropout is drawn on the global batch, so one step with
   dropout on gives the same gradients on 1 and 8 devices.  SGD with momentum: after one
@@ -207,7 +208,7 @@ def test_dropout_in_jit_gives_the_same_gradients_on_1_and_8_devices(tmp_path):
 
 
 @pytest.mark.parametrize("skip,packing", [
-    ("post_ln", False), ("xskip_bn:1", False),
+    pytest.param("post_ln", False, marks=pytest.mark.slow), ("xskip_bn:1", False),
     pytest.param("post_ln", True, marks=pytest.mark.slow)])
 def test_three_execution_styles_agree_on_a_translation_step(tmp_path, skip, packing):
   (reference, loss), *others = [run_translation_steps(tmp_path, mode, skip, packing=packing)
