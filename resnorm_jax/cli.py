@@ -52,16 +52,22 @@ def fail(message: str, code: int = EXIT_USAGE):
 
 
 def describe_error(error: BaseException) -> str:
-  """One line for a flag/config error: the outermost message plus a ConfigError cause."""
-  messages, seen = [], set()
+  """One line for a flag/config error: the innermost ConfigError of the chain (config_flags
+  re-raises a config file's ConfigError as another one that wraps its trace), else the
+  outermost message."""
+  messages, seen, config_error = [], set(), None
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     text = one_line(error)
     if text and not any(text in m for m in messages):
       messages.append(text)
     if isinstance(error, ConfigError):
-      return text
+      config_error = text
+    elif config_error is not None:
+      break
     error = error.__cause__ or error.__context__
+  if config_error is not None:
+    return config_error
   return messages[0] if messages else "invalid flags"
 
 
