@@ -107,10 +107,9 @@ def summarize_config(config) -> str:
   """The table for a training config (one example of the data's shape)."""
   from resnorm_jax import models
   cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    if "scan_stages" in cfg.model:
-      cfg.model.scan_stages = False   # count each unit, not one traced body per stage
-      cfg.model.remat = False
+  with cfg.unlocked():   # e.g. each unit counted, not one scanned body per stage
+    for key, value in models.family(cfg).summary_overrides.items():
+      cfg.model[key] = value
   model, inputs, kwargs, extra = summary_inputs(cfg)
   rows, params, flops = model_summary(model, inputs, init_kwargs=kwargs, apply_kwargs=kwargs,
                                       extra_flops=extra)

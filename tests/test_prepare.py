@@ -310,7 +310,7 @@ def test_packing_in_the_train_step_fills_rows(tmp_path):
 
 def test_new_config_keys_are_validated():
   for key, value, message in (("translation.spm_sample_sentences", 0, "integer >= 2"),
-                              ("translation.spm_sample_seed", -1, r"\[0, 2\^32\)")):
+                              ("translation.spm_sample_seed", -1, r"\[0, 4294967295\]")):
     with pytest.raises(ConfigError, match=message):
       validation.validate(tiny_config(**{key: value}), 1)
 

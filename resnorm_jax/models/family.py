@@ -50,7 +50,9 @@ class ModelFamily:
   for it on resume); ``validate(config)``: its checks across keys and registries (raise
   :class:`ConfigError`), run before anything compiles; ``extra_flops(config, model)``:
   per-example FLOPs that are not layer calls (attention products, tied logits);
-  ``title_keys``: the keys ``resnorm-summary`` and ``resnorm-sweep`` name in titles."""
+  ``title_keys``: the keys ``resnorm-summary`` and ``resnorm-sweep`` name in titles;
+  ``summary_overrides``: ``model.*`` values ``resnorm-summary`` traces the model with (e.g.
+  unrolled stages, so each unit is counted)."""
   task: str
   example_inputs: Callable[[Any, DataInfo], tuple]
   schema: Mapping[str, config_lib.Key] = dataclasses.field(default_factory=dict)
@@ -58,6 +60,7 @@ class ModelFamily:
   validate: Callable[[Any], None] = _no_checks
   extra_flops: Callable[[Any, Any], int] = _no_extra_flops
   title_keys: tuple[str, ...] = ()
+  summary_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def config_keys(self) -> tuple[str, ...]:

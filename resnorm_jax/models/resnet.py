@@ -202,7 +202,8 @@ READS = ("norm", "skip", "skip_lambda", "bn_momentum", "bn_epsilon", "dtype", "r
                 ModelFamily(task="image_classification", example_inputs=_image_inputs,
                             schema=SCHEMA, reads=READS, validate=validate_config,
                             title_keys=("depth", "unit", "shortcut", "norm", "skip",
-                                        "skip_lambda")))
+                                        "skip_lambda"),
+                            summary_overrides={"scan_stages": False, "remat": False}))
 def build(arg, config, norm_ctx, data):
   del arg
   m = config.model

@@ -126,7 +126,8 @@ class ImageClassification(Task):
 
   @staticmethod
   def describe(ev: dict) -> str:
-    return f"eval accuracy {ev['accuracy']:.4f} loss {ev['loss']:.4f}"
+    return (f"test error {100 * ev['error']:.2f}% (accuracy {ev['accuracy']:.4f}, "
+            f"loss {ev['loss']:.4f})")
 
 
 def validate_accumulation(config: ml_collections.ConfigDict, share: int, what: str) -> None:
