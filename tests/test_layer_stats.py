@@ -14,8 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from resnorm_jax import (config as config_lib, data as data_lib, layer_stats, models, optim,
-from resnorm_jax import validation
-                         parallelism, training)
+                         parallelism, training, validation)
 from resnorm_jax.tasks.translation import corpora
 from resnorm_jax.analysis import plots, stats as stats_lib
 from resnorm_jax.errors import ConfigError
