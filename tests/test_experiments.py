@@ -9,6 +9,8 @@ import pytest
 from resnorm_jax import config as config_lib, experiments, models
 from resnorm_jax import validation
 from resnorm_jax.errors import ConfigError
+from resnorm_jax.layers import SHORTCUTS, norm_factory
+from resnorm_jax.layers.residual import resolve_combinator
 from resnorm_jax.models.resnet import resolve_block
 from helpers import REPO
 
@@ -60,8 +62,15 @@ def test_every_variant_validates_and_builds_its_model(name, variant):
   depth, unit, shortcut, skip, lam, data = _expected_model(name, variant)
   model = models.build_model(config, models.norm_context(config), models.DataInfo(
       100 if data == "cifar100" else 10, (32, 32, 3)))
-  assert (model.depth, model.unit, model.shortcut, model.skip, model.skip_lambda) == (
-      depth, unit, shortcut, skip, lam)
+  m = config.model
+  assert (m.depth, m.unit, m.shortcut, m.skip, m.skip_lambda) == (depth, unit, shortcut, skip,
+                                                                  lam)
+  # The model holds the variants resolved once by its builder (names are not kept).
+  ctx = models.norm_context(config)
+  assert model.depth == depth and model.unit.ordering.name == unit
+  assert model.unit.shortcut == SHORTCUTS.build(shortcut)
+  assert model.unit.skip == resolve_combinator(skip, lam=lam, ctx=ctx)
+  assert model.unit.norm == norm_factory("batch", ctx)
   assert resolve_block(model.depth, model.block)[0] == (
       "bottleneck" if depth in (164, 1001) else "basic")
   assert model.num_classes == (100 if data == "cifar100" else 10)
