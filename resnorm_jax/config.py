@@ -344,10 +344,11 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def check_keys(config: ml_collections.ConfigDict) -> None:
-  """Every key's own check (:attr:`Key.check`), section by section in schema order."""
+def check_keys(config: ml_collections.ConfigDict, sections: Iterable[str] | None = None) -> None:
+  """Every key's own check (:attr:`Key.check`), section by section in schema order (only
+  ``sections`` if given)."""
   for section, keys in SCHEMA.items():
-    if section not in config:
+    if section not in config or (sections is not None and section not in sections):
       continue
     for name_, key in keys.items():
       if name_ in config[section]:

@@ -2,8 +2,8 @@
 is written, every value is checked and the first bad one is a one-line
 :class:`ConfigError` that names it and the valid choices.
 
-Order: finite numbers; the model family (the registries of the shared ``model.*`` specs,
-then the family's own checks); every key's own check (:data:`resnorm_jax.config.SCHEMA`,
+Order: finite numbers; the model family (each ``model.*`` key's own check, the registries
+of the shared ``model.*`` specs, then the family's checks across keys); every key's own check (:data:`resnorm_jax.config.SCHEMA`,
 the engine's keys and those families and tasks added); the data set against the family's
 task; the keys that depend on each other or on the machine; the task's checks; no
 negative number anywhere.
@@ -33,7 +33,7 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
   m = config.model
   config_lib.choice(m.name, models.MODELS.names(), "model.name")
   family = models.family(config)
-  config_lib.SCHEMA["model"]["dtype"].check(m.dtype, "model.dtype")
+  config_lib.check_keys(config, sections=("model",))   # before the family's own checks
   if "norm" in family.config_keys:
     _spec(NORMS, m.norm, "model.norm")
   if "skip" in family.config_keys:
