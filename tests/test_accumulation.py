@@ -136,6 +136,7 @@ def test_packed_translation_microbatches_divide_by_the_global_token_count(tmp_pa
   assert metrics["tokens"] == ref_metrics["tokens"]
 
 
+@pytest.mark.slow   # a benchmark's smoke run (benchmarks are measured, not tested)
 def test_memory_benchmark_shows_the_activations_falling(capsys):
   """benchmarks/accumulation_memory.py end to end on a tiny ResNet: XLA's temporaries at
   k = 2 are well under those at k = 1 (the full-size figures: benchmarks/RESULTS.md)."""

@@ -19,6 +19,7 @@ TINY = ["--preset", "tiny", "--layers", "1", "--vocab", "40", "--batch", "2", "-
         "--tgt_len", "5", "--repeats", "1", "--warmup", "1", "--peak_sizes", "64"]
 
 
+@pytest.mark.slow   # a benchmark's smoke run (benchmarks are measured, not tested)
 def test_transformer_step_benchmark_runs_end_to_end(tmp_path, capsys, fast_compile):
   """One run of main(); the PyTorch rows when torch is installed, else --no_torch."""
   with_torch = importlib.util.find_spec("torch") is not None

@@ -51,6 +51,7 @@ def test_compile_time_ratios_and_skipped_steps_in_process(fast_compile):
   assert ratio["mode"] == "scanned-slowconv / unrolled" and ratio["compile"] > 0
 
 
+@pytest.mark.slow   # a benchmark's smoke run (benchmarks are measured, not tested)
 def test_input_pipeline_runs_end_to_end(capsys, fast_compile):
   bench = load_script("input_pipeline")
   result = bench.main(["--depth", "8", "--width", "2", "--batch", "16", "--examples", "256",

@@ -20,6 +20,7 @@ def test_resnet_step_benchmark_runs_and_counts_the_same_parameters(tmp_path, cap
   assert out.exists() and "| framework" in capsys.readouterr().out
 
 
+@pytest.mark.slow   # a benchmark's smoke run (benchmarks are measured, not tested)
 def test_resnet_step_benchmark_without_torch():
   result = load("resnet_step").main(["--depth", "8", "--batch", "8", "--warmup", "1",
                                      "--repeats", "1", "--peak_sizes", "128", "--no_torch"])
