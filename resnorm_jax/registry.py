@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterator
 
+from resnorm_jax import config as config_lib
 from resnorm_jax.errors import ConfigError
 
 
@@ -135,6 +136,29 @@ class Registry:
       arg = f"; arg: {e.arg_doc}" if e.arg_doc else ""
       rows.append(f"| {self.kind} | {name} | {e.doc}{arg} |")
     return rows
+
+
+class KeyedRegistry(Registry):
+  """A registry whose entries add config keys to the schema when they register
+  (:data:`resnorm_jax.config.SCHEMA`, owner ``"<kind> <name>"``: a model family its
+  ``model.*`` keys, a task its sections) and remove them when unregistered."""
+
+  def register_with_keys(self, name: str, doc: str, info, sections):
+    """Decorator registering ``name`` with ``info`` and the config keys ``sections``
+    (``{section: {key: Key}}``); nothing is added when ``name`` is already taken."""
+    registered = self.register(name, doc, info=info)
+
+    def decorator(obj):
+      if name in self._entries:
+        raise ValueError(f"{self.kind} {name!r} is registered twice")
+      for section, keys in sections.items():
+        config_lib.SCHEMA.add(section, keys, owner=f"{self.kind} {name}")
+      return registered(obj)
+    return decorator
+
+  def unregister(self, name: str) -> None:
+    super().unregister(name)
+    config_lib.SCHEMA.remove(f"{self.kind} {name}")
 
 
 def parse_number(text: str, what: str, *, kind=float, minimum=None, choices_hint=""):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from resnorm_jax import config as config_lib
 from resnorm_jax.errors import ConfigError
 from resnorm_jax.layers import NormContext
-from resnorm_jax.registry import Entry, Registry
+from resnorm_jax.registry import Entry, KeyedRegistry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,26 +68,13 @@ class ModelFamily:
     return tuple(self.schema) + tuple(k for k in self.reads if k not in self.schema)
 
 
-class _ModelRegistry(Registry):
-  def unregister(self, name: str) -> None:
-    super().unregister(name)
-    config_lib.SCHEMA.remove(f"model {name}")
-
-
-MODELS = _ModelRegistry("model", ModelFamily)
+MODELS = KeyedRegistry("model", ModelFamily)
 
 
 def register_model(name: str, doc: str, family_info: ModelFamily):
   """Registers the decorated ``build(arg, config, norm_ctx, data)`` as model family
   ``name``, and its ``schema`` keys in the config schema's ``model`` section."""
-  registered = MODELS.register(name, doc, info=family_info)
-
-  def decorator(build):
-    if name in MODELS.names():   # before the schema changes
-      raise ValueError(f"model {name!r} is registered twice")
-    config_lib.SCHEMA.add("model", family_info.schema, owner=f"model {name}")
-    return registered(build)
-  return decorator
+  return MODELS.register_with_keys(name, doc, family_info, {"model": family_info.schema})
 
 
 def family_entry(config) -> Entry:

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 
 from resnorm_jax import config as config_lib, models, optim
-from resnorm_jax.registry import Registry
+from resnorm_jax.registry import KeyedRegistry, Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,33 +76,18 @@ class TaskInfo:
   summary_lines: Callable[["TaskInfo", dict, str], list[str]] = _eval_line
 
 
-class _TaskRegistry(Registry):
-  def unregister(self, name: str) -> None:
-    super().unregister(name)
-    config_lib.SCHEMA.remove(f"task {name}")
-
-
-TASKS = _TaskRegistry("task", TaskInfo)
+TASKS = KeyedRegistry("task", TaskInfo)
 
 
 def register_task(name: str, doc: str, info: TaskInfo):
   """Registers the decorated :class:`Task` subclass as task ``name`` and adds its schema
   sections (and ``published.<headline key>``) to the config schema."""
-  registered = TASKS.register(name, doc, info=info)
-
-  def decorator(task_class):
-    if name in TASKS.names():   # before the schema changes
-      raise ValueError(f"task {name!r} is registered twice")
-    owner = f"task {name}"
-    published = {} if config_lib.SCHEMA.get("published", info.headline.key) else {
-        info.headline.key: config_lib.Key(None, config_lib.NEUTRAL,
-                                          config_lib.optional_number,
-                                          f"published {info.headline.label}", optional=float)}
-    for section, keys in {**info.schema, "published": {
-        **info.schema.get("published", {}), **published}}.items():
-      config_lib.SCHEMA.add(section, keys, owner=owner)
-    return registered(task_class)
-  return decorator
+  published = {} if config_lib.SCHEMA.get("published", info.headline.key) else {
+      info.headline.key: config_lib.Key(None, config_lib.NEUTRAL, config_lib.optional_number,
+                                        f"published {info.headline.label}", optional=float)}
+  sections = {**info.schema,
+              "published": {**info.schema.get("published", {}), **published}}
+  return TASKS.register_with_keys(name, doc, info, sections)
 
 
 @flax.struct.dataclass
