@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnorm_jax import config as config_lib, data as data_lib, models, parallelism
+from resnorm_jax.errors import ConfigError
 from resnorm_jax.layers import make_norm
 from resnorm_jax.registry import Registry
 from resnorm_jax.tasks import Metric, Task, TaskInfo, register_task
@@ -70,7 +71,7 @@ class Regression(Task):
   def validate(cls, config, replicas):
     del replicas
     if config.train.batch_size > config.regression.train_size:
-      raise C.ConfigError(f"train.batch_size={config.train.batch_size} exceeds "
+      raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds "
                           f"regression.train_size={config.regression.train_size}")
 
   @classmethod

@@ -23,6 +23,7 @@ e.g. a resume with other training settings) or of another parameter tree.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from resnorm_jax import resume
 from resnorm_jax.metrics import MetricWriter
@@ -49,8 +50,6 @@ def select_steps(steps: list[int], last: int, interval: int, directory: str) -> 
 def averaged_state(ckpt, abstract, steps: list[int], expected_fingerprint: str = ""):
   """The newest step's state with parameters and BatchNorm statistics averaged over
   ``steps``; ConfigError for steps of different configs or trees."""
-  import jax
-  import jax.numpy as jnp
   prints = {s: ckpt.step_fingerprint(s) for s in steps}
   if len(set(prints.values())) > 1 or (expected_fingerprint and any(
       p and p != expected_fingerprint for p in prints.values())):

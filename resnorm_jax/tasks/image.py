@@ -19,6 +19,7 @@ import numpy as np
 
 from resnorm_jax import config as config_lib, cpu_workarounds, data as data_lib, models, optim
 from resnorm_jax import parallelism
+from resnorm_jax.errors import ConfigError
 from resnorm_jax.tasks.base import LossOutput, Metric, Task, TaskInfo, register_task
 
 _C = config_lib
@@ -135,7 +136,7 @@ def validate_accumulation(config: ml_collections.ConfigDict, share: int, what: s
   k = config.train.accumulate_steps
   if share % k:
     fits = max(d for d in range(1, k + 1) if share % d == 0)
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"train.accumulate_steps={k} must divide each device's share of the batch, {what} = "
         f"{share}; e.g. use {fits}")
 
