@@ -5,7 +5,7 @@
 
 Both sides run the benchmark scripts' own steps (``resnet_step.py``: the framework step and
 PyTorch channels-last; ``transformer_step.py``: the bare jitted step, i.e. the same model,
-loss and Adam without the task's guard and metrics, and PyTorch eager), ``--steps`` steps
+loss (``Transformer.loss_sum``) and Adam without the task's guard and metrics, and PyTorch eager), ``--steps`` steps
 each after a warm-up, alternately (JAX, torch, JAX, ...), under a profiler:
 
 * JAX: ``jax.profiler`` (a Perfetto trace): XLA:CPU records one event per executed thunk,
@@ -105,13 +105,17 @@ def classify_transformer(line: str, body: str) -> str:
   text, op_names = _text_and_names(line, body)
   if not re.search(r"jvp\(", op_names):
     return "optimizer"
+  # The chunked loss (Transformer.loss_sum): the tied output projection and the loss, a
+  # slice of positions per iteration of a loop.
+  in_loss = re.search(r"loss_sum\)?/while", op_names)
   if " dot(" in text:
     # Dense layers (and the tied output projection, embed.attend) end in their layer's name;
     # PyTorch's profile cannot tell its logits matmul from the dense ones, so neither do we.
-    if re.search(r"/(query|key|value|out|wi|wo|embed\.attend)/dot_general", op_names):
+    if in_loss or re.search(r"/(query|key|value|out|wi|wo|embed\.attend)/dot_general",
+                            op_names):
       return "matmuls (dense + tied logits)"
     return "attention (QK, AV)"
-  if re.search(r"[Ee]mbed|logits|cross_entropy", op_names):
+  if in_loss or re.search(r"[Ee]mbed|logits|cross_entropy", op_names):
     return "embedding / loss"
   if " reduce(" in text:
     return "softmax / layernorm"

@@ -16,7 +16,8 @@ one process, interleaved round by round (median over ``--repeats`` rounds):
   initial weights, eager mode, on the same device (``torch.autocast`` bfloat16 with
   ``--dtype bfloat16``; float32 matmuls in TF32 on GPU, as JAX runs them by default);
 * ``bare jit``: our Flax model in a minimal ``jax.jit`` step (``value_and_grad`` of the
-  mean loss, the framework's optax Adam, parameters and optimizer state donated);
+  mean loss, computed by ``Transformer.loss_sum`` as the task computes it; the framework's
+  optax Adam, parameters and optimizer state donated);
 * ``framework``: the real train step, ``training.make_train_step`` of the translation task
   (``resnorm_jax.tasks.translation.task``: dropout keys from the step, global-batch token
   normalization, gradient norm, non-finite guard, metrics), on a 1-device mesh, with the
@@ -130,17 +131,20 @@ def num_params(tree) -> int:
 # JAX: the bare step and the framework step.
 # ----------------------------------------------------------------------------------------
 def make_bare_step(model, tx, smoothing: float):
-  """A minimal jitted train step: loss = mean smoothed CE, value_and_grad, optax update."""
+  """A minimal jitted train step: loss = mean smoothed CE (``Transformer.loss_sum``),
+  value_and_grad, optax update."""
   import optax
   from resnorm_jax.tasks.translation import corpora
-  from resnorm_jax.models.transformer import label_smoothed_cross_entropy, shift_right
+  from resnorm_jax.models.transformer import shift_right
 
   def step(params, opt_state, key, src, tgt):
     def loss_fn(p):
-      logits = model.apply({"params": p}, src, shift_right(tgt, corpora.BOS_ID),
-                           train=True, rngs={"dropout": key})
-      total, count = label_smoothed_cross_entropy(logits, tgt, corpora.PAD_ID, smoothing)
-      return total / count
+      # The model's own training loss (Transformer.loss_sum: the output projection and the
+      # loss over slices of positions, as the translation task computes it).
+      total = model.apply({"params": p}, src, shift_right(tgt, corpora.BOS_ID), tgt,
+                          smoothing, train=True, rngs={"dropout": key},
+                          method=model.loss_sum)
+      return total / jnp.sum(tgt != corpora.PAD_ID)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
