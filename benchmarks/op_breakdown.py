@@ -5,8 +5,9 @@
 
 Both sides run the benchmark scripts' own steps (``resnet_step.py``: the framework step and
 PyTorch channels-last; ``transformer_step.py``: the bare jitted step, i.e. the same model,
-loss (``Transformer.loss_sum``) and Adam without the task's guard and metrics, and PyTorch eager), ``--steps`` steps
-each after a warm-up, alternately (JAX, torch, JAX, ...), under a profiler:
+loss (``Transformer.loss_sum``) and Adam without the task's guard and metrics, and PyTorch
+eager), ``--steps`` steps each after a warm-up, alternately (JAX, torch, JAX, ...), under a
+profiler:
 
 * JAX: ``jax.profiler`` (a Perfetto trace): XLA:CPU records one event per executed thunk,
   named after its HLO instruction; each instruction is classified from the compiled

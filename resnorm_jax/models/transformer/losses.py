@@ -22,8 +22,14 @@ def label_smoothed_cross_entropy(logits: Array, targets: Array, pad_id: int = 0,
   ε = 0 gives the negative log-likelihood.  Returns (sum of the loss over positions whose
   target is not ``pad_id``, number of such positions as float32).
   """
-  vocab = logits.shape[-1]
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return _smoothed_loss(logp, targets, pad_id, smoothing)
+
+
+def _smoothed_loss(logp: Array, targets: Array, pad_id: int,
+                   smoothing: float) -> tuple[Array, Array]:
+  """:func:`label_smoothed_cross_entropy` from the log-probabilities ``logp``."""
+  vocab = logp.shape[-1]
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   off = smoothing / (vocab - 1)
   loss = (1.0 - smoothing - off) * nll + off * (-jnp.sum(logp, axis=-1))
@@ -52,16 +58,12 @@ def smoothed_targets_gradient(logits: Array, targets: Array, pad_id: int,
   non-pad position (0 at pad positions): the softmax minus the smoothed one-hot, written
   without the scatter, the broadcast and the second exponential that autodiff of the
   log-softmax produces.  ``logits`` are float32."""
-  vocab = logits.shape[-1]
-  off = smoothing / (vocab - 1)
-  lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-  logp = logits - lse
-  mask = (targets != pad_id).astype(jnp.float32)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  loss = jnp.sum(((1.0 - smoothing - off) * nll + off * (-jnp.sum(logp, axis=-1))) * mask)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  loss, _ = _smoothed_loss(logp, targets, pad_id, smoothing)
   onehot = targets[..., None] == lax.broadcasted_iota(targets.dtype, logits.shape,
                                                        logits.ndim - 1)
-  q = jnp.where(onehot, 1.0 - smoothing, off)
+  q = jnp.where(onehot, 1.0 - smoothing, smoothing / (logits.shape[-1] - 1))
+  mask = (targets != pad_id).astype(jnp.float32)
   return loss, (jnp.exp(logp) - q) * mask[..., None]
 
 
@@ -98,14 +100,19 @@ def _slices(h: Array, targets: Array, pad_id: int, chunks: int):
   return hs, ts, pad
 
 
+def _slice_logits(h_chunk: Array, w: Array) -> Array:
+  """One slice's logits, float32 (the projection runs in ``h``'s dtype)."""
+  return jnp.dot(h_chunk, w).astype(jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _chunked_loss(h, w, targets, pad_id, smoothing, chunks):
   hs, ts, _ = _slices(h, targets, pad_id, chunks)
 
   def chunk_loss(args):
     h_chunk, t_chunk = args
-    logits = jnp.dot(h_chunk, w).astype(jnp.float32)
-    return label_smoothed_cross_entropy(logits, t_chunk, pad_id, smoothing)[0]
+    return label_smoothed_cross_entropy(_slice_logits(h_chunk, w), t_chunk, pad_id,
+                                        smoothing)[0]
   return jnp.sum(lax.map(chunk_loss, (hs, ts)))
 
 
@@ -114,8 +121,8 @@ def _chunked_loss_fwd(h, w, targets, pad_id, smoothing, chunks):
 
   def chunk(dw, args):
     h_chunk, t_chunk = args
-    logits = jnp.dot(h_chunk, w).astype(jnp.float32)
-    loss, dz = smoothed_targets_gradient(logits, t_chunk, pad_id, smoothing)
+    loss, dz = smoothed_targets_gradient(_slice_logits(h_chunk, w), t_chunk, pad_id,
+                                         smoothing)
     dz = dz.astype(h.dtype)
     dh = jnp.dot(dz, w.T).astype(h.dtype)
     dw = dw + jnp.einsum("btd,btv->dv", h_chunk, dz,
